@@ -1,0 +1,1 @@
+"""The ``alarmpost`` command."""

@@ -1,0 +1,249 @@
+"""``alarmpost``: one command for every part of the system.
+
+Each subcommand imports only what it needs, so ``alarmpost edge`` on a post stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("alarmpost")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_until_signal(main: Callable[[], Coroutine[Any, Any, int]],
+                     on_stop: Callable[[], None]) -> int:
+    """Run ``main``; SIGINT/SIGTERM call ``on_stop`` once, a second Ctrl-C exits at once."""
+
+    async def wrapper() -> int:
+        loop = asyncio.get_running_loop()
+        stops = 0
+
+        def handle() -> None:
+            nonlocal stops
+            stops += 1
+            if stops == 1:
+                log.info("stopping (Ctrl-C again to exit at once)")
+                on_stop()
+            else:
+                raise SystemExit(130)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, handle)
+        return await main()
+
+    return asyncio.run(wrapper())
+
+
+# ---------------------------------------------------------------------------- subcommands
+def cmd_edge(args: argparse.Namespace) -> int:
+    from edge.agent import EdgeAgent
+    from edge.config import load_edge_config
+    from protocol.settings import redacted
+
+    config = load_edge_config(args.config)
+    log.info("edge config: %s", redacted(config))
+    agent = EdgeAgent(config)
+
+    async def main() -> int:
+        await agent.run()
+        return 0
+
+    return run_until_signal(main, agent.stop)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from protocol.settings import redacted
+    from server.app import CentralServer
+    from server.config import load_server_config
+
+    config = load_server_config(args.config)
+    log.info("server config: %s", redacted(config))
+    holder: list[CentralServer] = []
+
+    async def main() -> int:
+        holder.append(CentralServer(config))
+        await holder[0].run()
+        return 0
+
+    return run_until_signal(main, lambda: holder and holder[0].stop())
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from firmware_sim.control import run_sim
+
+    return run_sim(args)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import time
+
+    from provisioning.deployment import open_deployment
+
+    dep = open_deployment(Path(args.deployment))
+    broker = dep.mosquitto()
+    broker.start()
+    print(f"mosquitto running on 127.0.0.1:{dep.broker_port} (log: {broker.log_path}); "
+          "Ctrl-C stops it", file=sys.stderr)
+    try:
+        while broker.running:
+            time.sleep(0.5)
+        print("mosquitto exited; see its log", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        broker.stop()
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from provisioning import deployment as d
+
+    if args.action == "init":
+        dep = d.create(Path(args.dir), d.district_posts(args.posts), broker_port=args.broker_port,
+                       http_port=args.http_port, hardware_backend=args.hardware)
+        print(f"deployment written to {dep.directory}")
+        print(f"  broker:  alarmpost broker --deployment {dep.directory}")
+        print(f"  server:  alarmpost server --config {dep.server_config}")
+        for post in dep.posts[:3]:
+            print(f"  post:    alarmpost edge --config {dep.post_config(post.id)}")
+        if len(dep.posts) > 3:
+            print(f"  ... {len(dep.posts) - 3} more post configs in {dep.directory / 'posts'}")
+        return 0
+    dep = d.open_deployment(Path(args.dir))
+    spec = d.PostSpec(id=args.id, name=args.name or args.id, school=args.school,
+                      address=args.address, lat=args.lat, lon=args.lon)
+    path = d.add_post(dep, spec, hardware_backend=args.hardware)
+    print(f"post {args.id} provisioned: copy {path} to the post (it holds the post's password)")
+    print("then send SIGHUP to the broker and the server so they pick the new post up")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from alarmpost_cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench import run_bench
+
+    return run_bench(args.name, args.json, args.options)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alarmpost",
+        description="One-button school alarm posts: edge agent, central server, simulator, "
+        "provisioning and benchmarks. Start with `alarmpost demo`.",
+    )
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"], help="default: info")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="broker, server and a simulated fleet with a live status table",
+                       description="Generate a throw-away deployment, start Mosquitto, the server "
+                       "and simulated posts that press their buttons now and then; show a live "
+                       "status table until Ctrl-C.")
+    p.add_argument("--posts", type=int, default=20, help="simulated posts (default 20)")
+    p.add_argument("--press-every", type=float, default=8.0, metavar="S",
+                   help="mean seconds between presses across the fleet (default 8)")
+    p.add_argument("--headless", action="store_true", help="no table; print a summary at the end")
+    p.add_argument("--duration", type=float, default=0, metavar="S",
+                   help="stop after S seconds (default: run until Ctrl-C)")
+    p.add_argument("--dir", type=Path, help="where to write the deployment (default: a temp dir)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("server", help="run the central server",
+                       description="Ingest events from every post, keep incidents, supervise "
+                       "posts and serve the HTTP API. SIGHUP reloads the post registry.")
+    p.add_argument("--config", required=True, type=Path, help="server TOML file")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("edge", help="run the agent of one alarm post",
+                       description="Read the button, drive strobe and siren, send events.")
+    p.add_argument("--config", required=True, type=Path, help="the post's TOML file")
+    p.set_defaults(func=cmd_edge)
+
+    p = sub.add_parser("sim", help="run simulated posts (real agents on mock GPIO pins)",
+                       description="Run simulated posts in one process. Presses come at random "
+                       "(--press-every) and/or from commands on stdin (--control): "
+                       "'press ID [HOLD_MS] [BOUNCES]', 'brush ID', 'quit'. Events are printed "
+                       "on stdout as JSON lines.")
+    p.add_argument("--deployment", required=True, type=Path, help="deployment directory")
+    p.add_argument("--posts", type=int, help="only the first N posts")
+    p.add_argument("--only", nargs="*", default=[], help="only these post ids")
+    p.add_argument("--press-every", type=float, default=0, metavar="S",
+                   help="mean seconds between random presses (0: none)")
+    p.add_argument("--control", action="store_true", help="read commands from stdin")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("broker", help="run Mosquitto for a deployment (foreground)")
+    p.add_argument("--deployment", required=True, type=Path)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("provision", help="create a deployment or add a post to one")
+    psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = psub.add_parser("init", help="write a new deployment directory",
+                        description="Broker config with password and ACL files, server config "
+                        "with a fresh API token, a post registry and one config per post.")
+    q.add_argument("dir", help="new directory")
+    q.add_argument("--posts", type=int, default=20, help="posts to create (default 20)")
+    q.add_argument("--broker-port", type=int, help="default: a free port")
+    q.add_argument("--http-port", type=int, help="default: a free port")
+    q.add_argument("--hardware", choices=["gpio", "mock"], default="mock",
+                   help="backend written into the post configs (default mock)")
+    q = psub.add_parser("post", help="add one post: account, registry entry, config file")
+    q.add_argument("dir", help="the deployment directory")
+    q.add_argument("--id", required=True)
+    q.add_argument("--name", default="")
+    q.add_argument("--school", default="")
+    q.add_argument("--address", default="")
+    q.add_argument("--lat", type=float, required=True)
+    q.add_argument("--lon", type=float, required=True)
+    q.add_argument("--hardware", choices=["gpio", "mock"], default="gpio")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("bench", help="run a benchmark (see bench/)",
+                       description="Benchmarks print figures; with --json the last line of output "
+                       "is one JSON object.")
+    p.add_argument("name", help="benchmark name, e.g. alarm-path")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("options", nargs="*", help="KEY=VALUE options for the benchmark")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    from protocol.settings import ConfigError
+    from provisioning.broker import BrokerError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, BrokerError) as exc:
+        print(f"alarmpost: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

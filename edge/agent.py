@@ -1,0 +1,364 @@
+"""The edge agent: one per alarm post.
+
+The alarm path on the post, in order:
+
+1. the button guard accepts a press (held long enough, debounced);
+2. strobe and siren go on at once, in the same callback, before any I/O (unless the post is silent);
+3. the event is committed to the outbox (SQLite) with the next sequence number;
+4. the sender publishes it (MQTT 5, QoS 1, fixed client id, persistent session) and keeps resending
+   it with backoff, forever, until the server's application-level ACK arrives;
+5. the ACK removes it from the outbox and lights the "help is coming" lamp.
+
+Presence: a retained ``online`` status on connect, a retained ``offline`` Last Will, an explicit
+``offline`` on a clean stop, and a heartbeat every ``timing.heartbeat_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.config import EdgeConfig
+from edge.hardware import GpioHardware, Hardware
+from edge.outbox import Outbox, Pending
+from protocol.messages import (
+    Ack,
+    Command,
+    CommandResult,
+    Event,
+    Heartbeat,
+    Rejected,
+    ServerStatus,
+    Status,
+    decode_from_server,
+    encode,
+)
+from protocol.topics import post_topic, server_status_topic
+from protocol.transport import SOCKET_OPTIONS
+from protocol.ulid import new_ulid
+
+log = logging.getLogger("alarmpost.edge")
+
+
+class _PostLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the post id."""
+
+    def process(self, msg: object, kwargs: Any) -> tuple[object, Any]:
+        return f"[{self.extra['post']}] {msg}", kwargs  # type: ignore[index]
+
+AckListener = Callable[[Ack, float], None]
+PressListener = Callable[[Event], None]
+
+
+@dataclass
+class _InFlight:
+    entry: Pending
+    attempts: int = 0
+    next_try: float = 0.0  # monotonic time of the next (re)send
+
+
+class EdgeAgent:
+    """Runs one post until :meth:`stop`. ``hardware`` defaults to gpiozero devices."""
+
+    def __init__(self, config: EdgeConfig, hardware: Hardware | None = None) -> None:
+        self.config = config
+        self.post_id = config.post.id
+        self.hardware: Hardware = hardware if hardware is not None else GpioHardware(config.hardware)
+        self.outbox = Outbox(config.outbox_path)
+        self.log = _PostLog(log, {"post": self.post_id})
+        self.counters: Counter[str] = Counter()
+        self.connected = asyncio.Event()
+        self.server_online = False
+        self.ack_listeners: list[AckListener] = []
+        self.press_listeners: list[PressListener] = []
+        self._inflight: OrderedDict[str, _InFlight] = OrderedDict(
+            (p.id, _InFlight(p)) for p in self.outbox.pending()
+        )
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._started = time.monotonic()
+        self._siren_timer: asyncio.TimerHandle | None = None
+        self._seen_commands: OrderedDict[str, None] = OrderedDict()
+        self._client: aiomqtt.Client | None = None
+        self._topics = {k: post_topic(self.post_id, k) for k in ("event", "heartbeat", "status",
+                                                                   "cmdresult", "ack", "cmd")}
+
+    # ------------------------------------------------------------------ the press
+    def _on_press(self, hold_ms: int) -> None:
+        """An accepted press. Outputs first, then the outbox; never waits for the network."""
+        if not self.config.post.silent:
+            self.hardware.set_strobe(True)
+            self.hardware.set_siren(True)
+            self._arm_siren_timeout()
+        now = time.time()
+        event = self.outbox.add(
+            lambda seq: Event(id=new_ulid(now), post=self.post_id, seq=seq, ts=now, hold_ms=hold_ms)
+        )
+        self.counters["presses"] += 1
+        self._inflight[event.id] = _InFlight(Pending(event.seq, event.id, encode(event)))
+        self.log.info("press accepted: event %s seq %d (held %d ms)", event.id, event.seq, hold_ms)
+        self._wake.set()
+        for listener in self.press_listeners:
+            listener(event)
+
+    def _arm_siren_timeout(self) -> None:
+        if self._siren_timer is not None:
+            self._siren_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._siren_timer = loop.call_later(self.config.hardware.siren_max_s, self._siren_timeout)
+
+    def _siren_timeout(self) -> None:
+        self._siren_timer = None
+        if self.hardware.siren:
+            self.log.info("siren switched off after %.0f s", self.config.hardware.siren_max_s)
+            self.hardware.set_siren(False)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def outbox_depth(self) -> int:
+        return len(self._inflight)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Connect, reconnect after every failure, until :meth:`stop`."""
+        loop = asyncio.get_running_loop()
+        self.hardware.start(loop, self._on_press)
+        self.log.info(
+            "agent started (outbox %s, %d pending, silent=%s)",
+            self.config.outbox_path, len(self._inflight), self.config.post.silent,
+        )
+        delay = 0.2
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._session()
+                    delay = 0.2
+                except aiomqtt.MqttError as exc:
+                    self.counters["disconnects"] += 1
+                    self.log.warning("broker connection lost or refused: %s; retrying in %.1f s",
+                                     exc, delay)
+                finally:
+                    self._client = None
+                    self.connected.clear()
+                    self.server_online = False
+                if self._stopping.is_set():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.config.timing.reconnect_max_s)
+        finally:
+            if self._siren_timer is not None:
+                self._siren_timer.cancel()
+            self.outbox.close()
+            self.hardware.close()
+            self.log.info("agent stopped")
+
+    def _client_args(self) -> dict[str, object]:
+        m = self.config.mqtt
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = m.session_expiry_s
+        will = aiomqtt.Will(
+            self._topics["status"],
+            encode(Status(post=self.post_id, state="offline", ts=time.time(),
+                          reason="connection lost")),
+            qos=1,
+            retain=True,
+        )
+        tls: ssl.SSLContext | None = None
+        if m.tls_ca_file:
+            tls = ssl.create_default_context(cafile=m.tls_ca_file)
+            if m.tls_cert_file:
+                tls.load_cert_chain(m.tls_cert_file, m.tls_key_file or None)
+        return dict(
+            hostname=m.host,
+            port=m.port,
+            username=m.username,
+            password=m.password or None,
+            identifier=f"post-{self.post_id}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            will=will,
+            keepalive=m.keepalive_s,
+            tls_context=tls,
+            timeout=10,
+            socket_options=SOCKET_OPTIONS,
+        )
+
+    async def _session(self) -> None:
+        async with aiomqtt.Client(**self._client_args()) as client:  # type: ignore[arg-type]
+            self._client = client
+            await client.subscribe(
+                [(self._topics["ack"], 1), (self._topics["cmd"], 1), (server_status_topic(), 1)]
+            )
+            await client.publish(
+                self._topics["status"],
+                encode(Status(post=self.post_id, state="online", ts=time.time())),
+                qos=1,
+                retain=True,
+            )
+            self.connected.set()
+            self.log.info("connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
+            self._resend_all_now()
+            tasks = [
+                asyncio.create_task(self._receiver(client)),
+                asyncio.create_task(self._sender(client)),
+                asyncio.create_task(self._heartbeats(client)),
+            ]
+            stopper = asyncio.create_task(self._stopping.wait())
+            try:
+                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in [*tasks, stopper]:
+                    task.cancel()
+                await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            if self._stopping.is_set():
+                # A clean disconnect sends no Last Will: say offline ourselves.
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish(
+                        self._topics["status"],
+                        encode(Status(post=self.post_id, state="offline", ts=time.time(),
+                                      reason="shutdown")),
+                        qos=1,
+                        retain=True,
+                    )
+
+    # ------------------------------------------------------------------ sending
+    def _resend_all_now(self) -> None:
+        for item in self._inflight.values():
+            item.next_try = 0.0
+        self._wake.set()
+
+    def _backoff(self, attempts: int) -> float:
+        t = self.config.timing
+        return min(t.ack_timeout_s * 2 ** max(attempts - 1, 0), t.resend_max_s) * random.uniform(
+            0.9, 1.1
+        )
+
+    async def _sender(self, client: aiomqtt.Client) -> None:
+        """Publish every unacknowledged event in sequence order; resend on its deadline."""
+        topic = self._topics["event"]
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            earliest: float | None = None
+            for item in list(self._inflight.values()):
+                if item.entry.id not in self._inflight:
+                    continue  # acknowledged while we were publishing
+                if item.next_try <= now:
+                    await client.publish(topic, item.entry.payload, qos=1)
+                    item.attempts += 1
+                    if item.attempts > 1:
+                        self.counters["resends"] += 1
+                        self.log.info("resent event %s (attempt %d)", item.entry.id, item.attempts)
+                    item.next_try = time.monotonic() + self._backoff(item.attempts)
+                earliest = item.next_try if earliest is None else min(earliest, item.next_try)
+            timeout = None if earliest is None else max(earliest - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _heartbeats(self, client: aiomqtt.Client) -> None:
+        interval = self.config.timing.heartbeat_s
+        while True:
+            await client.publish(self._topics["heartbeat"], encode(self.heartbeat()), qos=0)
+            await asyncio.sleep(interval)
+
+    def heartbeat(self) -> Heartbeat:
+        hw = self.hardware
+        return Heartbeat(
+            post=self.post_id,
+            ts=time.time(),
+            interval_s=self.config.timing.heartbeat_s,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            outbox_depth=self.outbox_depth,
+            button=hw.button,
+            strobe=hw.strobe,
+            siren=hw.siren,
+            help=hw.help,
+            silent=self.config.post.silent,
+        )
+
+    # ------------------------------------------------------------------ receiving
+    async def _receiver(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            try:
+                decoded = decode_from_server(str(message.topic), payload, self.post_id)
+            except Rejected as exc:
+                self.counters[f"rejected_{exc.reason}"] += 1
+                self.log.warning("rejected message on %s: %s", message.topic, exc)
+                continue
+            if isinstance(decoded, Ack):
+                self._on_ack(decoded)
+            elif isinstance(decoded, Command):
+                await self._on_command(client, decoded)
+            elif isinstance(decoded, ServerStatus):
+                self._on_server_status(decoded)
+
+    def _on_ack(self, ack: Ack) -> None:
+        received = time.time()
+        item = self._inflight.pop(ack.event_id, None)
+        if item is None:
+            self.counters["acks_unknown"] += 1  # a repeated ACK for an event already removed
+            return
+        self.outbox.remove(ack.event_id)
+        self.counters["acks"] += 1
+        if not self.hardware.help:
+            self.log.info("help is coming: event %s in incident %s", ack.event_id, ack.incident_id)
+        self.hardware.set_help(True)
+        for listener in self.ack_listeners:
+            listener(ack, received)
+
+    def _on_server_status(self, status: ServerStatus) -> None:
+        was = self.server_online
+        self.server_online = status.state == "online"
+        if self.server_online and not was:
+            self.log.info("server is online")
+            self._resend_all_now()  # a restarted server has lost what it had not committed
+        elif was and not self.server_online:
+            self.log.warning("server went offline; events stay in the outbox")
+
+    async def _on_command(self, client: aiomqtt.Client, cmd: Command) -> None:
+        if cmd.id in self._seen_commands:
+            self.counters["commands_repeated"] += 1
+        else:
+            self._seen_commands[cmd.id] = None
+            if len(self._seen_commands) > 256:
+                self._seen_commands.popitem(last=False)
+            self.apply_command(cmd.cmd)
+        result = CommandResult(id=cmd.id, post=self.post_id, cmd=cmd.cmd, ok=True, ts=time.time())
+        await client.publish(self._topics["cmdresult"], encode(result), qos=1)
+
+    def apply_command(self, name: str) -> None:
+        hw = self.hardware
+        self.log.info("command %s", name)
+        if name == "silence":
+            hw.set_siren(False)
+        elif name == "strobe_off":
+            hw.set_strobe(False)
+        elif name == "siren_on":
+            hw.set_siren(True)
+            self._arm_siren_timeout()
+        elif name == "strobe_on":
+            hw.set_strobe(True)
+        elif name == "reset":
+            hw.set_siren(False)
+            hw.set_strobe(False)
+            hw.set_help(False)

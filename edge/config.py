@@ -1,0 +1,90 @@
+"""Edge agent configuration (TOML; environment overrides ``ALARMPOST_EDGE_{SECTION}_{KEY}``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protocol.settings import ConfigError, load, resolve
+from protocol.topics import valid_post_id
+
+
+@dataclass
+class PostSection:
+    id: str = ""
+    name: str = ""
+    silent: bool = False  # a silent alarm: no strobe, no siren, everything else the same
+
+
+@dataclass
+class MqttSection:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""  # defaults to the post id (the broker's ACL is keyed on it)
+    password: str = ""
+    keepalive_s: int = 15
+    session_expiry_s: int = 7 * 24 * 3600
+    tls_ca_file: str = ""  # set to use TLS
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+@dataclass
+class HardwareSection:
+    backend: str = "gpio"  # "gpio" (gpiozero's default pin factory) or "mock" (MockFactory)
+    button_pin: int = 17
+    strobe_pin: int = 27
+    siren_pin: int = 22
+    help_pin: int = 23
+    hold_ms: int = 80  # the button must stay down this long to count (guards against brushes)
+    debounce_ms: int = 30  # the button must stay up this long before it can count again
+    siren_max_s: float = 180.0  # the siren switches itself off after this; the strobe stays on
+
+
+@dataclass
+class TimingSection:
+    heartbeat_s: float = 10.0
+    ack_timeout_s: float = 2.0  # first resend after this without the server's ACK
+    resend_max_s: float = 30.0  # backoff ceiling; unacknowledged events are resent forever
+    reconnect_max_s: float = 10.0
+
+
+@dataclass
+class OutboxSection:
+    path: str = "outbox.db"
+
+
+@dataclass
+class EdgeConfig:
+    post: PostSection = field(default_factory=PostSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    hardware: HardwareSection = field(default_factory=HardwareSection)
+    timing: TimingSection = field(default_factory=TimingSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    source: Path | None = None
+
+    def validate(self) -> None:
+        if not self.post.id:
+            raise ConfigError("[post] id is required (the post's identity, e.g. \"P001\")")
+        if not valid_post_id(self.post.id):
+            raise ConfigError(
+                f"[post] id {self.post.id!r} is invalid: use 1-64 letters, digits, '-' or '_'"
+            )
+        if not self.mqtt.username:
+            self.mqtt.username = self.post.id
+        if self.hardware.backend not in {"gpio", "mock"}:
+            raise ConfigError("[hardware] backend must be \"gpio\" or \"mock\"")
+        if self.timing.heartbeat_s <= 0 or self.timing.ack_timeout_s <= 0:
+            raise ConfigError("[timing] intervals must be positive")
+
+    @property
+    def outbox_path(self) -> Path:
+        return resolve(self.source, self.outbox.path)
+
+
+def load_edge_config(path: Path | str | None) -> EdgeConfig:
+    config = load(EdgeConfig, path, "ALARMPOST_EDGE")
+    config.source = Path(path) if path is not None else None
+    if config.source is not None:
+        config.outbox.path = str(config.outbox_path)
+    return config

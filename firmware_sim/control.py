@@ -1,0 +1,104 @@
+"""``alarmpost sim``: simulated posts in one process, driven at random or from stdin.
+
+Every accepted event and every ACK is printed on stdout as one JSON line, so a script (or a
+test) can drive the fleet and watch it: ``{"type": "ack", "post": ..., "event_id": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import signal
+import sys
+import time
+
+from firmware_sim.fleet import Fleet, SimPost
+
+log = logging.getLogger("alarmpost.sim")
+
+
+def emit(**fields: object) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+async def _control(fleet: Fleet, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while not stop.is_set():
+        line = await reader.readline()
+        if not line:
+            break
+        words = line.decode(errors="replace").split()
+        if not words:
+            continue
+        cmd, rest = words[0], words[1:]
+        if cmd == "quit":
+            break
+        post = fleet.posts.get(rest[0]) if rest else None
+        if cmd in {"press", "brush"} and post is None:
+            emit(type="error", detail=f"unknown post in {line.decode(errors='replace')!r}")
+            continue
+        try:
+            if cmd == "press" and post is not None:
+                hold = int(rest[1]) / 1000 if len(rest) > 1 else None
+                bounce = int(rest[2]) if len(rest) > 2 else 0
+                await post.press(hold, bounce)
+            elif cmd == "brush" and post is not None:
+                await post.brush()
+            else:
+                emit(type="error", detail=f"unknown command {cmd!r}")
+        except ValueError:
+            emit(type="error", detail=f"bad numbers in {line.decode(errors='replace')!r}")
+    stop.set()
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    from provisioning.deployment import open_deployment
+
+    dep = open_deployment(args.deployment)
+    ids = [p.id for p in dep.posts]
+    if args.only:
+        ids = [i for i in ids if i in set(args.only)]
+    if args.posts:
+        ids = ids[: args.posts]
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        fleet = Fleet(SimPost.from_file(dep.post_config(i)) for i in ids)
+        for post in fleet.posts.values():
+            post.agent.ack_listeners.append(
+                lambda ack, at: emit(type="ack", post=ack.post, event_id=ack.event_id,
+                                     incident_id=ack.incident_id, at=at)
+            )
+            post.agent.press_listeners.append(
+                lambda ev: emit(type="event", post=ev.post, event_id=ev.id, seq=ev.seq, at=ev.ts)
+            )
+        fleet.start()
+        tasks = []
+        if args.control:
+            tasks.append(asyncio.create_task(_control(fleet, stop)))
+        if args.press_every > 0:
+            tasks.append(asyncio.create_task(
+                fleet.random_presses(args.press_every, random.Random(args.seed))))
+        emit(type="started", posts=len(fleet.posts))
+        try:
+            await fleet.wait_connected(within_s=60)
+            emit(type="ready", posts=len(fleet.posts))
+        except TimeoutError:
+            emit(type="not_connected", detail="not every post connected within 60 s")
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await fleet.stop()
+        emit(type="stopped", at=time.time())
+        return 0
+
+    return asyncio.run(main())

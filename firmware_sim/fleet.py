@@ -1,0 +1,104 @@
+"""A fleet of simulated posts: each a real :class:`edge.agent.EdgeAgent` on mock GPIO pins.
+
+A simulated hand presses buttons the way people do: a clean press, a press with contact bounce,
+a long hold, or a brush too short to count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+from edge.agent import EdgeAgent
+from edge.config import EdgeConfig, load_edge_config
+from edge.hardware import GpioHardware
+
+log = logging.getLogger("alarmpost.sim")
+
+
+class SimPost:
+    """One post: a mock-pin hardware and the real agent driving it."""
+
+    def __init__(self, config: EdgeConfig) -> None:
+        config.hardware.backend = "mock"
+        self.config = config
+        self.hardware = GpioHardware(config.hardware)
+        self.agent = EdgeAgent(config, self.hardware)
+        self.post_id = config.post.id
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> SimPost:
+        return cls(load_edge_config(path))
+
+    def start(self) -> asyncio.Task[None]:
+        self.task = asyncio.create_task(self.agent.run(), name=f"post-{self.post_id}")
+        return self.task
+
+    async def press(self, hold_s: float | None = None, bounce: int = 0) -> None:
+        """Press and release; ``bounce`` extra contact chatters on both edges (1 ms apart)."""
+        hold = hold_s if hold_s is not None else self.config.hardware.hold_ms / 1000 + 0.05
+        for _ in range(bounce):
+            self.hardware.mock_button(True)
+            await asyncio.sleep(0.001)
+            self.hardware.mock_button(False)
+            await asyncio.sleep(0.001)
+        self.hardware.mock_button(True)
+        await asyncio.sleep(hold)
+        for _ in range(bounce):
+            self.hardware.mock_button(False)
+            await asyncio.sleep(0.001)
+            self.hardware.mock_button(True)
+            await asyncio.sleep(0.001)
+        self.hardware.mock_button(False)
+
+    async def brush(self) -> None:
+        """A touch shorter than the hold-time guard: must not count."""
+        await self.press(hold_s=self.config.hardware.hold_ms / 1000 / 3)
+
+    async def stop(self) -> None:
+        self.agent.stop()
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+class Fleet:
+    def __init__(self, posts: Iterable[SimPost]) -> None:
+        self.posts = {p.post_id: p for p in posts}
+
+    @classmethod
+    def from_dir(cls, directory: Path, limit: int | None = None) -> Fleet:
+        files = sorted(directory.glob("*.toml"))[:limit]
+        return cls(SimPost.from_file(f) for f in files)
+
+    def start(self) -> None:
+        for post in self.posts.values():
+            post.start()
+
+    async def wait_connected(self, within_s: float = 30.0) -> None:
+        await asyncio.wait_for(
+            asyncio.gather(*(p.agent.connected.wait() for p in self.posts.values())), within_s
+        )
+
+    async def random_presses(self, mean_interval_s: float, rng: random.Random) -> None:
+        """Press a random post now and then (exponential gaps), forever."""
+        posts = list(self.posts.values())
+        while True:
+            await asyncio.sleep(rng.expovariate(1 / mean_interval_s))
+            post = rng.choice(posts)
+            style = rng.random()
+            if style < 0.6:
+                coro = post.press()
+            elif style < 0.8:
+                coro = post.press(bounce=rng.randint(1, 5))
+            elif style < 0.9:
+                coro = post.press(hold_s=rng.uniform(1.0, 3.0))
+            else:
+                coro = post.brush()
+            asyncio.create_task(coro)  # noqa: RUF006 - short-lived, owned by the loop
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(p.stop() for p in self.posts.values()))

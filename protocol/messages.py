@@ -1,0 +1,218 @@
+"""Typed messages and the one codec per direction.
+
+Every payload is a JSON object with ``v`` (the protocol version) and ``post`` (the post it is
+about). Decoding is strict: unknown fields, wrong types, out-of-range values, oversized payloads,
+another version, or a body naming a different post than its topic are all :class:`Rejected`, with a
+short machine-readable ``reason`` that callers count and log.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Final, Literal, TypeAlias, TypeVar
+
+import msgspec
+
+from protocol.topics import (
+    EDGE_KINDS,
+    SERVER_KINDS,
+    InvalidTopic,
+    PostTopic,
+    parse_post_topic,
+    server_status_topic,
+)
+
+PROTOCOL_VERSION: Final = 1
+MAX_PAYLOAD_BYTES: Final = 4096
+
+PostId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+Ulid = Annotated[str, msgspec.Meta(pattern=r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
+# UNIX time in seconds; between 2020-01-01 and 2100-01-01 (catches ms-for-s and zero clocks).
+Timestamp = Annotated[float, msgspec.Meta(ge=1_577_836_800.0, le=4_102_444_800.0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Text = Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class _Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+class Event(_Message, frozen=True, kw_only=True):
+    """An alarm event: one accepted press of the button (or a commissioning test press)."""
+
+    id: Ulid
+    post: PostId
+    seq: Annotated[int, msgspec.Meta(ge=1, le=2**53)]
+    ts: Timestamp
+    type: Literal["alarm", "test"] = "alarm"
+    hold_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0
+
+
+class Heartbeat(_Message, frozen=True, kw_only=True):
+    """Health of a post, published every ``interval_s``."""
+
+    post: PostId
+    ts: Timestamp
+    interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+    uptime_s: Annotated[float, msgspec.Meta(ge=0)]
+    outbox_depth: Count
+    button: bool
+    strobe: bool
+    siren: bool
+    help: bool
+    silent: bool = False
+
+
+class Status(_Message, frozen=True, kw_only=True):
+    """Retained presence of a post; ``offline`` is also its Last Will."""
+
+    post: PostId
+    state: Literal["online", "offline"]
+    ts: Timestamp
+    reason: Text = ""
+
+
+class Ack(_Message, frozen=True, kw_only=True):
+    """The server committed ``event_id``: the post may drop it from its outbox."""
+
+    post: PostId
+    event_id: Ulid
+    incident_id: Text
+    ts: Timestamp
+    duplicate: bool = False
+
+
+class Command(_Message, frozen=True, kw_only=True):
+    """An instruction to a post, answered by a :class:`CommandResult` with the same id."""
+
+    id: Ulid
+    post: PostId
+    cmd: Literal["silence", "reset", "strobe_off", "siren_on", "strobe_on"]
+    ts: Timestamp
+
+
+class CommandResult(_Message, frozen=True, kw_only=True):
+    id: Ulid
+    post: PostId
+    cmd: Text
+    ok: bool
+    detail: Text = ""
+    ts: Timestamp
+
+
+class ServerStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Retained presence of the central server on ``alarmpost/v1/server/status``."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    state: Literal["online", "offline"]
+    ts: Timestamp
+
+
+EdgeMessage: TypeAlias = Event | Heartbeat | Status | CommandResult
+ServerMessage: TypeAlias = Ack | Command | ServerStatus
+AnyMessage: TypeAlias = EdgeMessage | ServerMessage
+
+_EDGE_TYPES: Final[dict[str, type[EdgeMessage]]] = {
+    "event": Event,
+    "heartbeat": Heartbeat,
+    "status": Status,
+    "cmdresult": CommandResult,
+}
+_SERVER_TYPES: Final[dict[str, type[Ack] | type[Command]]] = {"ack": Ack, "cmd": Command}
+assert set(_EDGE_TYPES) == EDGE_KINDS and set(_SERVER_TYPES) == SERVER_KINDS
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type, msgspec.json.Decoder] = {}  # type: ignore[type-arg]
+
+
+class _Envelope(msgspec.Struct):
+    v: object = None
+
+
+class Rejected(ValueError):
+    """A message that must not be acted on. ``reason`` is a short label for metrics."""
+
+    REASONS: Final = (
+        "bad_topic",
+        "wrong_direction",
+        "oversized",
+        "malformed",
+        "unknown_version",
+        "invalid",
+        "post_mismatch",
+        "unknown_post",
+        "wrong_post",
+    )
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        assert reason in self.REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def encode(message: AnyMessage) -> bytes:
+    """The JSON bytes of a message (no whitespace, fields in declaration order)."""
+    return _encoder.encode(message)
+
+
+_M = TypeVar("_M", bound=msgspec.Struct)
+
+
+def _decode(payload: bytes, cls: type[_M]) -> _M:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise Rejected("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders[cls] = msgspec.json.Decoder(cls)
+    try:
+        message = decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        try:
+            version = msgspec.json.decode(payload, type=_Envelope).v
+        except msgspec.DecodeError:
+            version = PROTOCOL_VERSION
+        if version != PROTOCOL_VERSION:
+            raise Rejected("unknown_version", f"v={str(version)[:20]!r}") from None
+        raise Rejected("invalid", str(exc)[:200]) from None
+    except msgspec.DecodeError as exc:
+        raise Rejected("malformed", str(exc)[:200]) from None
+    for name in message.__struct_fields__:
+        value = getattr(message, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise Rejected("invalid", f"{name} is not finite")
+    return message
+
+
+def decode_from_post(topic: str, payload: bytes) -> tuple[PostTopic, EdgeMessage]:
+    """Decode what a post published. The body must name the same post as the topic."""
+    try:
+        where = parse_post_topic(topic)
+    except InvalidTopic as exc:
+        raise Rejected("bad_topic", str(exc)) from None
+    cls = _EDGE_TYPES.get(where.kind)
+    if cls is None:
+        raise Rejected("wrong_direction", f"{where.kind!r} is not sent by posts")
+    message = _decode(payload, cls)
+    if message.post != where.post_id:
+        raise Rejected("post_mismatch", f"topic names {where.post_id!r}, body {message.post!r}")
+    return where, message
+
+
+def decode_from_server(topic: str, payload: bytes, post_id: str) -> ServerMessage:
+    """Decode what the server sent to ``post_id`` (an ack, a command or the server status)."""
+    if topic == server_status_topic():
+        return _decode(payload, ServerStatus)
+    try:
+        where = parse_post_topic(topic)
+    except InvalidTopic as exc:
+        raise Rejected("bad_topic", str(exc)) from None
+    if where.post_id != post_id:
+        raise Rejected("wrong_post", f"addressed to {where.post_id!r}")
+    cls = _SERVER_TYPES.get(where.kind)
+    if cls is None:
+        raise Rejected("wrong_direction", f"{where.kind!r} is not sent by the server")
+    message = _decode(payload, cls)
+    if message.post != post_id:
+        raise Rejected("post_mismatch", f"topic names {post_id!r}, body {message.post!r}")
+    return message

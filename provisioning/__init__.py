@@ -1,0 +1,1 @@
+"""Technician tools: identities, credentials, broker configuration and whole deployments."""

@@ -1,0 +1,1 @@
+"""The central server: ingest, incidents, supervision and the HTTP API."""

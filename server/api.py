@@ -1,0 +1,145 @@
+"""The read-only HTTP API (JSON) and ``/metrics``. Every endpoint wants the bearer token.
+
+GET /api/posts                    every registered post with its live state and health
+GET /api/posts/{id}
+GET /api/incidents?state=open&limit=100
+GET /api/incidents/{id}           with its events
+GET /api/events?post=P001&limit=100
+GET /api/faults?open=1&limit=100
+GET /metrics                      Prometheus text format
+GET /healthz                      "ok" once connected to the broker
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from server.app import CentralServer
+
+log = logging.getLogger("alarmpost.http")
+
+SERVER_KEY = web.AppKey("server", "CentralServer")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authentication, error shaping and request counting for every endpoint."""
+    server = request.app[SERVER_KEY]
+    token = server.config.http.api_token.encode()
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip().encode() if header.startswith("Bearer ") else b""
+    if not given or not hmac.compare_digest(given, token):
+        server.metrics.inc("http_requests_total", status="401")
+        log.warning("unauthenticated %s %s from %s", request.method, request.path, request.remote)
+        return _error(401, "missing or wrong token: send 'Authorization: Bearer <api_token>'",
+                      **{"WWW-Authenticate": 'Bearer realm="alarmpost"'})
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        server.metrics.inc("http_requests_total", status=str(exc.status))
+        return _error(exc.status, exc.reason)
+    except Exception:
+        server.metrics.inc("http_requests_total", status="500")
+        log.exception("error serving %s %s", request.method, request.path)
+        return _error(500, "internal error; see the server log")
+    server.metrics.inc("http_requests_total", status=str(response.status))
+    return response
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise web.HTTPBadRequest(reason="limit must be an integer from 1 to 1000")
+    return int(raw)
+
+
+def _live(server: CentralServer, row: dict[str, Any]) -> dict[str, Any]:
+    live = server.live.get(row["id"])
+    if live is not None:
+        row["state"] = live.state
+        row["last_seen"] = live.last_seen
+        row["health"] = live.health or row.get("health")
+    return row
+
+
+async def posts(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    return web.json_response([_live(server, r) for r in server.storage.posts()])
+
+
+async def post(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    row = server.storage.post(request.match_info["post_id"])
+    if row is None:
+        raise web.HTTPNotFound(reason="no such post")
+    return web.json_response(_live(server, row))
+
+
+async def incidents(request: web.Request) -> web.Response:
+    state = request.query.get("state")
+    if state not in (None, "open", "resolved"):
+        raise web.HTTPBadRequest(reason="state must be 'open' or 'resolved'")
+    server = request.app[SERVER_KEY]
+    return web.json_response(server.storage.incidents(state, _limit(request)))
+
+
+async def incident(request: web.Request) -> web.Response:
+    row = request.app[SERVER_KEY].storage.incident(request.match_info["incident_id"])
+    if row is None:
+        raise web.HTTPNotFound(reason="no such incident")
+    return web.json_response(row)
+
+
+async def events(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    return web.json_response(server.storage.events(request.query.get("post"), _limit(request)))
+
+
+async def faults(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    open_only = request.query.get("open", "0") in {"1", "true", "yes"}
+    return web.json_response(server.storage.faults(open_only, _limit(request)))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[SERVER_KEY].metrics.render(),
+                        content_type="text/plain", charset="utf-8")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    ready = request.app[SERVER_KEY].ready.is_set()
+    return web.json_response({"ok": ready}, status=200 if ready else 503)
+
+
+def make_app(server: CentralServer) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
+    app[SERVER_KEY] = server
+    app.router.add_get("/api/posts", posts)
+    app.router.add_get("/api/posts/{post_id}", post)
+    app.router.add_get("/api/incidents", incidents)
+    app.router.add_get("/api/incidents/{incident_id}", incident)
+    app.router.add_get("/api/events", events)
+    app.router.add_get("/api/faults", faults)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def start_http(server: CentralServer) -> web.AppRunner:
+    runner = web.AppRunner(make_app(server), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, server.config.http.host, server.config.http.port)
+    await site.start()
+    log.info("HTTP API on http://%s:%d/", server.config.http.host, server.config.http.port)
+    return runner

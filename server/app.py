@@ -1,0 +1,403 @@
+"""The central server process: MQTT ingest, incidents, supervision, HTTP API.
+
+Ingest: one reader takes every message from the broker, decodes it strictly (:mod:`protocol`),
+checks the post is registered, and hands events to the committer. The committer drains whatever
+has queued up, commits it in one transaction, and only then publishes one ACK per event. A resend
+of a committed event is acknowledged again (``duplicate: true``) and stored nothing.
+
+Supervision: each post has a deadline ``grace_intervals × heartbeat interval`` after the last
+thing heard from it; missing it, or its Last Will, marks it offline with a fault record; hearing
+from it again records the recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol.messages import (
+    Ack,
+    CommandResult,
+    Event,
+    Heartbeat,
+    Rejected,
+    ServerStatus,
+    Status,
+    decode_from_post,
+    encode,
+)
+from protocol.settings import ConfigError
+from protocol.topics import post_subscription, post_topic, server_status_topic, valid_post_id
+from protocol.transport import SOCKET_OPTIONS
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.storage import PostInfo, SqliteStorage, Storage
+
+log = logging.getLogger("alarmpost.server")
+
+COMMIT_BATCH_MAX = 500
+
+
+def load_registry(path: Path | str) -> list[PostInfo]:
+    """Read the post registry (``[[post]]`` tables); raise :class:`ConfigError` on bad entries."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"post registry {path} does not exist (create it with `alarmpost provision post`)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    posts = []
+    for i, entry in enumerate(data.get("post", [])):
+        post_id = entry.get("id", "")
+        if not isinstance(post_id, str) or not valid_post_id(post_id):
+            raise ConfigError(f"{path}: post #{i + 1} has an invalid id {post_id!r}")
+        try:
+            posts.append(
+                PostInfo(
+                    id=post_id,
+                    name=str(entry.get("name", "")),
+                    school=str(entry.get("school", "")),
+                    address=str(entry.get("address", "")),
+                    lat=float(entry["lat"]) if "lat" in entry else None,
+                    lon=float(entry["lon"]) if "lon" in entry else None,
+                )
+            )
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: post {post_id!r} has a non-numeric lat/lon") from None
+    return posts
+
+
+@dataclass
+class LivePost:
+    """What the server knows of a post right now (persisted every ``flush_s``)."""
+
+    state: str = "unknown"
+    last_seen: float | None = None
+    interval_s: float = 10.0
+    health: dict[str, object] = field(default_factory=dict)
+    deadline: asyncio.TimerHandle | None = None
+    dirty: bool = False
+
+
+class CentralServer:
+    def __init__(self, config: ServerConfig, storage: Storage | None = None) -> None:
+        self.config = config
+        self.storage: Storage = storage or SqliteStorage(
+            config.database.path, config.database.synchronous
+        )
+        self.metrics = Metrics()
+        self.live: dict[str, LivePost] = {}
+        self.ready = asyncio.Event()
+        self._queue: asyncio.Queue[tuple[Event, float]] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._ack_tasks: set[asyncio.Task[None]] = set()
+        self._setup_metrics()
+        self.reload_registry()
+
+    # ------------------------------------------------------------------ registry / metrics
+    def reload_registry(self) -> None:
+        posts = load_registry(self.config.registry.posts_file)
+        self.storage.upsert_posts(posts)
+        states = self.storage.post_states()
+        default = self.config.supervision.default_heartbeat_s
+        for post in posts:
+            if post.id not in self.live:
+                state, seen = states.get(post.id, ("unknown", None))
+                self.live[post.id] = LivePost(state=state, last_seen=seen, interval_s=default)
+        for gone in set(self.live) - {p.id for p in posts}:
+            live = self.live.pop(gone)
+            if live.deadline:
+                live.deadline.cancel()
+        log.info("registry: %d posts from %s", len(posts), self.config.registry.posts_file)
+
+    def _setup_metrics(self) -> None:
+        m = self.metrics
+        m.counter("messages_in_total", "MQTT messages received, by kind")
+        m.counter("rejected_total", "Messages rejected, by reason")
+        m.counter("events_committed_total", "Alarm events committed (first time)")
+        m.counter("events_duplicate_total", "Resent events already committed (ACKed again)")
+        m.counter("acks_sent_total", "Application-level ACKs published")
+        m.counter("incidents_opened_total", "Incidents opened")
+        m.counter("post_offline_total", "Posts that went offline, by reason")
+        m.counter("http_requests_total", "HTTP requests, by status")
+        m.gauge("incidents_open", "Incidents currently open", self.storage.open_incident_count)
+        m.gauge("posts_online", "Posts currently online",
+                lambda: sum(1 for p in self.live.values() if p.state == "online"))
+        m.gauge("posts_known", "Posts in the registry", lambda: len(self.live))
+        m.gauge("ingest_queue_depth", "Events waiting for the committer", self._queue.qsize)
+        self.commit_latency = m.histogram(
+            "commit_seconds", "Receipt to commit of alarm events",
+            (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+
+    def reject(self, reason: str, topic: str, detail: str) -> None:
+        self.metrics.inc("rejected_total", reason=reason)
+        log.warning("rejected message on %s: %s %s", topic[:120], reason, detail[:200])
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        from server.api import start_http
+
+        runner = await start_http(self)
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        for post_id, live in self.live.items():
+            if live.state == "online":  # whatever was online must prove it again
+                self._arm_deadline(post_id, live, now)
+        background = [
+            asyncio.create_task(self._flush_loop()),
+            asyncio.create_task(self._auto_resolve_loop()),
+        ]
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        delay = 0.2
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._session()
+                    delay = 0.2
+                except aiomqtt.MqttError as exc:
+                    self.ready.clear()
+                    log.warning("broker connection lost or refused: %s; retrying in %.1f s",
+                                exc, delay)
+                if self._stopping.is_set():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for live in self.live.values():
+                if live.deadline:
+                    live.deadline.cancel()
+            self._flush()
+            await runner.cleanup()
+            self.storage.close()
+            log.info("server stopped")
+
+    def _on_sighup(self) -> None:
+        try:
+            self.reload_registry()
+        except ConfigError as exc:
+            log.error("registry not reloaded: %s", exc)
+
+    async def _session(self) -> None:
+        m = self.config.mqtt
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = m.session_expiry_s
+        will = aiomqtt.Will(
+            server_status_topic(), encode(ServerStatus(state="offline", ts=time.time())),
+            qos=1, retain=True,
+        )
+        tls = None
+        if m.tls_ca_file:
+            import ssl
+
+            tls = ssl.create_default_context(cafile=m.tls_ca_file)
+        async with aiomqtt.Client(
+            m.host, m.port, username=m.username, password=m.password or None,
+            identifier=m.client_id, protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
+            properties=props, will=will, keepalive=m.keepalive_s, tls_context=tls, timeout=10,
+            max_inflight_messages=1000,
+            socket_options=SOCKET_OPTIONS,
+        ) as client:
+            self._client = client
+            await client.subscribe([
+                (post_subscription("event"), 1),
+                (post_subscription("status"), 1),
+                (post_subscription("cmdresult"), 1),
+                (post_subscription("heartbeat"), 0),
+            ])
+            await client.publish(server_status_topic(),
+                                 encode(ServerStatus(state="online", ts=time.time())),
+                                 qos=1, retain=True)
+            log.info("connected to broker %s:%d as %s", m.host, m.port, m.username)
+            self.ready.set()
+            tasks = [asyncio.create_task(self._reader(client)),
+                     asyncio.create_task(self._committer(client))]
+            stopper = asyncio.create_task(self._stopping.wait())
+            try:
+                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in [*tasks, stopper]:
+                    task.cancel()
+                await asyncio.gather(*tasks, stopper, return_exceptions=True)
+                self._client = None
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            if self._ack_tasks:
+                await asyncio.gather(*self._ack_tasks, return_exceptions=True)
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(server_status_topic(),
+                                     encode(ServerStatus(state="offline", ts=time.time())),
+                                     qos=1, retain=True)
+
+    # ------------------------------------------------------------------ ingest
+    async def _reader(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self.handle(str(message.topic), message.payload, bool(message.retain))
+
+    def handle(self, topic: str, payload: object, retained: bool = False) -> None:
+        """Decode, check and route one message. Never raises on bad input."""
+        received = time.time()
+        if not isinstance(payload, bytes | bytearray):
+            payload = b"" if payload is None else str(payload).encode()
+        try:
+            where, message = decode_from_post(topic, bytes(payload))
+        except Rejected as exc:
+            self.reject(exc.reason, topic, exc.detail)
+            return
+        live = self.live.get(where.post_id)
+        if live is None:
+            self.reject("unknown_post", topic, f"post {where.post_id!r} is not registered")
+            return
+        self.metrics.inc("messages_in_total", kind=where.kind)
+        if isinstance(message, Event):
+            self._queue.put_nowait((message, received))
+            self._seen(where.post_id, live, received)
+        elif isinstance(message, Heartbeat):
+            live.interval_s = message.interval_s
+            live.health = {
+                "uptime_s": message.uptime_s, "outbox_depth": message.outbox_depth,
+                "button": message.button, "strobe": message.strobe, "siren": message.siren,
+                "help": message.help, "silent": message.silent, "interval_s": message.interval_s,
+            }
+            self._seen(where.post_id, live, received)
+        elif isinstance(message, Status):
+            if message.state == "online":
+                self._seen(where.post_id, live, received)
+            elif live.state != "offline":
+                self._went_offline(where.post_id, live, message.reason or "offline", received)
+        elif isinstance(message, CommandResult):
+            log.info("post %s: command %s %s %s", where.post_id, message.cmd,
+                     "done" if message.ok else "failed", message.detail)
+
+    async def _committer(self, client: aiomqtt.Client) -> None:
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty() and len(batch) < COMMIT_BATCH_MAX:
+                batch.append(queue.get_nowait())
+            try:
+                results = self.storage.commit_events(batch)
+            except Exception:
+                # Nothing is acknowledged, so every post will resend: no alarm is lost.
+                log.exception("commit of %d events failed; the posts will resend them", len(batch))
+                continue
+            committed_at = time.time()
+            for (event, received), res in zip(batch, results, strict=True):
+                if res.duplicate:
+                    self.metrics.inc("events_duplicate_total")
+                else:
+                    self.metrics.inc("events_committed_total")
+                    self.commit_latency.observe(committed_at - received)
+                    if res.new_incident:
+                        self.metrics.inc("incidents_opened_total")
+                        log.info("incident %s opened by post %s (event %s)",
+                                 res.incident_id, event.post, event.id)
+            task = asyncio.create_task(self._send_acks(client, batch, results))
+            self._ack_tasks.add(task)
+            task.add_done_callback(self._ack_tasks.discard)
+
+    async def _send_acks(self, client: aiomqtt.Client, batch: list[tuple[Event, float]],
+                         results: list) -> None:  # type: ignore[type-arg]
+        now = time.time()
+        sends = [
+            client.publish(
+                post_topic(event.post, "ack"),
+                encode(Ack(post=event.post, event_id=res.event_id, incident_id=res.incident_id,
+                           ts=now, duplicate=res.duplicate)),
+                qos=1,
+            )
+            for (event, _), res in zip(batch, results, strict=True)
+        ]
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        sent = sum(1 for o in outcomes if not isinstance(o, BaseException))
+        self.metrics.inc("acks_sent_total", sent)
+        if sent < len(outcomes):
+            log.warning("%d ACKs not sent (broker gone); the posts will resend",
+                        len(outcomes) - sent)
+
+    # ------------------------------------------------------------------ supervision
+    def _seen(self, post_id: str, live: LivePost, now: float) -> None:
+        live.last_seen = now
+        live.dirty = True
+        if live.state != "online":
+            was = live.state
+            live.state = "online"
+            self.storage.set_post_state(post_id, "online", now, "")
+            log.info("post %s online (was %s)", post_id, was)
+        self._arm_deadline(post_id, live, now)
+
+    def _arm_deadline(self, post_id: str, live: LivePost, now: float) -> None:
+        if live.deadline is not None:
+            live.deadline.cancel()
+        grace = self.config.supervision.grace_intervals * live.interval_s
+        loop = asyncio.get_running_loop()
+        live.deadline = loop.call_later(
+            max((live.last_seen or now) + grace - time.time(), 0.0),
+            self._deadline_missed, post_id,
+        )
+
+    def _deadline_missed(self, post_id: str) -> None:
+        live = self.live.get(post_id)
+        if live is None or live.state == "offline":
+            return
+        live.deadline = None
+        self._went_offline(post_id, live, "heartbeat missed", time.time())
+
+    def _went_offline(self, post_id: str, live: LivePost, reason: str, now: float) -> None:
+        if live.deadline is not None:
+            live.deadline.cancel()
+            live.deadline = None
+        live.state = "offline"
+        self.storage.set_post_state(post_id, "offline", now, reason)
+        self.metrics.inc("post_offline_total", reason=reason)
+        log.warning("post %s offline: %s", post_id, reason)
+
+    def _flush(self) -> None:
+        rows = []
+        for post_id, live in self.live.items():
+            if live.dirty and live.last_seen is not None:
+                rows.append((post_id, live.last_seen, json.dumps(live.health)))
+                live.dirty = False
+        if rows:
+            self.storage.save_live(rows)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.supervision.flush_s)
+            try:
+                self._flush()
+            except Exception:
+                log.exception("could not save live post state")
+
+    async def _auto_resolve_loop(self) -> None:
+        idle = self.config.incidents.auto_resolve_s
+        if idle <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(idle / 4, 5.0))
+            for incident_id in self.storage.resolve_idle_incidents(idle, time.time()):
+                log.info("incident %s resolved automatically after %.0f s idle", incident_id, idle)

@@ -1,0 +1,276 @@
+"""Storage behind a small interface, so PostgreSQL can take over for multi-instance servers.
+
+:class:`Storage` is the interface; :class:`SqliteStorage` is the embedded default (sqlite-utils,
+WAL). The event id is the primary key: committing an event twice is a no-op that returns the
+incident the first commit put it in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlite_utils
+
+from protocol.messages import Event
+from protocol.ulid import new_ulid
+
+
+@dataclass(frozen=True)
+class PostInfo:
+    id: str
+    name: str = ""
+    school: str = ""
+    address: str = ""
+    lat: float | None = None
+    lon: float | None = None
+
+
+@dataclass(frozen=True)
+class Committed:
+    event_id: str
+    incident_id: str
+    duplicate: bool
+    new_incident: bool
+
+
+class Storage(Protocol):
+    def upsert_posts(self, posts: Iterable[PostInfo]) -> None: ...
+    def commit_events(self, batch: Sequence[tuple[Event, float]]) -> list[Committed]: ...
+    def post_states(self) -> dict[str, tuple[str, float | None]]: ...
+    def set_post_state(self, post_id: str, state: str, at: float, reason: str) -> None: ...
+    def save_live(self, rows: Sequence[tuple[str, float, str]]) -> None: ...
+    def resolve_idle_incidents(self, idle_s: float, now: float) -> list[str]: ...
+    def posts(self) -> list[dict[str, Any]]: ...
+    def post(self, post_id: str) -> dict[str, Any] | None: ...
+    def incidents(self, state: str | None, limit: int) -> list[dict[str, Any]]: ...
+    def incident(self, incident_id: str) -> dict[str, Any] | None: ...
+    def events(self, post_id: str | None, limit: int) -> list[dict[str, Any]]: ...
+    def faults(self, open_only: bool, limit: int) -> list[dict[str, Any]]: ...
+    def open_incident_count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS posts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    school TEXT NOT NULL DEFAULT '',
+    address TEXT NOT NULL DEFAULT '',
+    lat REAL,
+    lon REAL,
+    state TEXT NOT NULL DEFAULT 'unknown',
+    state_since REAL,
+    last_seen REAL,
+    health TEXT
+);
+CREATE TABLE IF NOT EXISTS incidents (
+    id TEXT PRIMARY KEY,
+    post_id TEXT NOT NULL REFERENCES posts(id),
+    state TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    last_event_at REAL NOT NULL,
+    closed_at REAL,
+    event_count INTEGER NOT NULL,
+    first_event_id TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS incidents_open ON incidents(post_id) WHERE state = 'open';
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    post_id TEXT NOT NULL REFERENCES posts(id),
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    pressed_at REAL NOT NULL,
+    hold_ms INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    committed_at REAL NOT NULL,
+    incident_id TEXT NOT NULL REFERENCES incidents(id)
+);
+CREATE INDEX IF NOT EXISTS events_post ON events(post_id, seq);
+CREATE TABLE IF NOT EXISTS faults (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    post_id TEXT NOT NULL REFERENCES posts(id),
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    started_at REAL NOT NULL,
+    ended_at REAL
+);
+CREATE INDEX IF NOT EXISTS faults_open ON faults(post_id) WHERE ended_at IS NULL;
+"""
+
+
+class SqliteStorage:
+    """SQLite in WAL mode. Writes come from one event loop; reads may share the connection."""
+
+    def __init__(self, path: str, synchronous: str = "FULL") -> None:
+        self.db = sqlite_utils.Database(path)
+        self.db.enable_wal()
+        self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(_SCHEMA)
+        self._open_incident: dict[str, str] = {
+            row["post_id"]: row["id"]
+            for row in self.db.query("SELECT id, post_id FROM incidents WHERE state='open'")
+        }
+
+    # -------------------------------------------------------------- writes
+    def upsert_posts(self, posts: Iterable[PostInfo]) -> None:
+        with self.db.atomic():
+            for p in posts:
+                self.db.execute(
+                    "INSERT INTO posts (id, name, school, address, lat, lon) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, "
+                    "school=excluded.school, address=excluded.address, lat=excluded.lat, "
+                    "lon=excluded.lon",
+                    (p.id, p.name, p.school, p.address, p.lat, p.lon),
+                )
+
+    def commit_events(self, batch: Sequence[tuple[Event, float]]) -> list[Committed]:
+        """Commit a batch of events in one transaction; open or join each post's incident."""
+        results: list[Committed] = []
+        now = time.time()
+        conn = self.db.conn
+        opened: dict[str, str] = {}
+        with self.db.atomic():
+            for event, received_at in batch:
+                row = conn.execute(
+                    "SELECT incident_id FROM events WHERE id=?", (event.id,)
+                ).fetchone()
+                if row is not None:
+                    results.append(Committed(event.id, row[0], True, False))
+                    continue
+                incident_id = opened.get(event.post) or self._open_incident.get(event.post)
+                new = incident_id is None
+                if incident_id is None:
+                    incident_id = new_ulid(now)
+                    conn.execute(
+                        "INSERT INTO incidents (id, post_id, state, opened_at, last_event_at, "
+                        "event_count, first_event_id) VALUES (?, ?, 'open', ?, ?, 1, ?)",
+                        (incident_id, event.post, now, event.ts, event.id),
+                    )
+                    opened[event.post] = incident_id
+                else:
+                    conn.execute(
+                        "UPDATE incidents SET event_count = event_count + 1, "
+                        "last_event_at = max(last_event_at, ?) WHERE id=?",
+                        (event.ts, incident_id),
+                    )
+                conn.execute(
+                    "INSERT INTO events (id, post_id, seq, type, pressed_at, hold_ms, "
+                    "received_at, committed_at, incident_id) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (event.id, event.post, event.seq, event.type, event.ts, event.hold_ms,
+                     received_at, time.time(), incident_id),
+                )
+                results.append(Committed(event.id, incident_id, False, new))
+        self._open_incident.update(opened)
+        return results
+
+    def post_states(self) -> dict[str, tuple[str, float | None]]:
+        return {
+            r["id"]: (r["state"], r["last_seen"])
+            for r in self.db.query("SELECT id, state, last_seen FROM posts")
+        }
+
+    def set_post_state(self, post_id: str, state: str, at: float, reason: str) -> None:
+        """Record a transition; going offline opens a fault, coming back closes it."""
+        with self.db.atomic():
+            self.db.execute(
+                "UPDATE posts SET state=?, state_since=? WHERE id=?", (state, at, post_id)
+            )
+            if state == "offline":
+                self.db.execute(
+                    "INSERT INTO faults (post_id, kind, detail, started_at) VALUES (?, ?, ?, ?)",
+                    (post_id, "offline", reason, at),
+                )
+            else:
+                self.db.execute(
+                    "UPDATE faults SET ended_at=? WHERE post_id=? AND ended_at IS NULL",
+                    (at, post_id),
+                )
+
+    def save_live(self, rows: Sequence[tuple[str, float, str]]) -> None:
+        """Persist (post_id, last_seen, health JSON) in one transaction."""
+        with self.db.atomic():
+            self.db.conn.executemany(
+                "UPDATE posts SET last_seen=?, health=? WHERE id=?",
+                [(seen, health, post_id) for post_id, seen, health in rows],
+            )
+
+    def resolve_idle_incidents(self, idle_s: float, now: float) -> list[str]:
+        ids = [
+            r["id"]
+            for r in self.db.query(
+                "SELECT id FROM incidents WHERE state='open' AND last_event_at < ?",
+                (now - idle_s,),
+            )
+        ]
+        if ids:
+            with self.db.atomic():
+                for incident_id in ids:
+                    self.db.execute(
+                        "UPDATE incidents SET state='resolved', closed_at=?, note=? WHERE id=?",
+                        (now, "resolved automatically (incidents.auto_resolve_s)", incident_id),
+                    )
+            closed = set(ids)
+            self._open_incident = {p: i for p, i in self._open_incident.items() if i not in closed}
+        return ids
+
+    # -------------------------------------------------------------- reads
+    def posts(self) -> list[dict[str, Any]]:
+        return [_post_row(r) for r in self.db.query("SELECT * FROM posts ORDER BY id")]
+
+    def post(self, post_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM posts WHERE id=?", (post_id,)))
+        return _post_row(rows[0]) if rows else None
+
+    def incidents(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        if state:
+            return list(self.db.query(
+                "SELECT * FROM incidents WHERE state=? ORDER BY opened_at DESC LIMIT ?",
+                (state, limit),
+            ))
+        return list(self.db.query(
+            "SELECT * FROM incidents ORDER BY opened_at DESC LIMIT ?", (limit,)
+        ))
+
+    def incident(self, incident_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM incidents WHERE id=?", (incident_id,)))
+        if not rows:
+            return None
+        row = rows[0]
+        row["events"] = list(self.db.query(
+            "SELECT * FROM events WHERE incident_id=? ORDER BY pressed_at", (incident_id,)
+        ))
+        return row
+
+    def events(self, post_id: str | None, limit: int) -> list[dict[str, Any]]:
+        if post_id:
+            return list(self.db.query(
+                "SELECT * FROM events WHERE post_id=? ORDER BY committed_at DESC LIMIT ?",
+                (post_id, limit),
+            ))
+        return list(self.db.query(
+            "SELECT * FROM events ORDER BY committed_at DESC LIMIT ?", (limit,)
+        ))
+
+    def faults(self, open_only: bool, limit: int) -> list[dict[str, Any]]:
+        where = "WHERE ended_at IS NULL" if open_only else ""
+        return list(self.db.query(
+            f"SELECT * FROM faults {where} ORDER BY started_at DESC LIMIT ?", (limit,)
+        ))
+
+    def open_incident_count(self) -> int:
+        return len(self._open_incident)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _post_row(row: dict[str, Any]) -> dict[str, Any]:
+    health = row.get("health")
+    row["health"] = json.loads(health) if health else None
+    return row
