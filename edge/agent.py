@@ -79,6 +79,7 @@ class EdgeAgent:
         self.outbox = Outbox(config.outbox_path)
         self.log = _PostLog(log, {"post": self.post_id})
         self.counters: Counter[str] = Counter()
+        self.started = asyncio.Event()  # the button is being read
         self.connected = asyncio.Event()
         self.server_online = False
         self.ack_listeners: list[AckListener] = []
@@ -137,6 +138,7 @@ class EdgeAgent:
         """Connect, reconnect after every failure, until :meth:`stop`."""
         loop = asyncio.get_running_loop()
         self.hardware.start(loop, self._on_press)
+        self.started.set()
         self.log.info(
             "agent started (outbox %s, %d pending, silent=%s)",
             self.config.outbox_path, len(self._inflight), self.config.post.silent,

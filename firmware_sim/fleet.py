@@ -39,7 +39,11 @@ class SimPost:
         return self.task
 
     async def press(self, hold_s: float | None = None, bounce: int = 0) -> None:
-        """Press and release; ``bounce`` extra contact chatters on both edges (1 ms apart)."""
+        """Press and release; ``bounce`` extra contact chatters on both edges (1 ms apart).
+
+        Returns once the button has been up long enough for the next press to count (no hand
+        presses again within the debounce time).
+        """
         hold = hold_s if hold_s is not None else self.config.hardware.hold_ms / 1000 + 0.05
         for _ in range(bounce):
             self.hardware.mock_button(True)
@@ -54,6 +58,7 @@ class SimPost:
             self.hardware.mock_button(True)
             await asyncio.sleep(0.001)
         self.hardware.mock_button(False)
+        await asyncio.sleep(self.config.hardware.debounce_ms / 1000 + 0.01)
 
     async def brush(self) -> None:
         """A touch shorter than the hold-time guard: must not count."""

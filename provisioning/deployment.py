@@ -73,6 +73,7 @@ class Deployment:
     http_port: int
     api_token: str = ""
     posts: list[PostSpec] = field(default_factory=list)
+    _broker: broker.Mosquitto | None = field(default=None, repr=False)
 
     @property
     def broker_dir(self) -> Path:
@@ -90,7 +91,10 @@ class Deployment:
         return self.directory / "posts" / f"{post_id}.toml"
 
     def mosquitto(self) -> broker.Mosquitto:
-        return broker.Mosquitto(self.broker_dir, self.broker_port)
+        """This deployment's broker (one handle, so whoever started it can stop it)."""
+        if self._broker is None:
+            self._broker = broker.Mosquitto(self.broker_dir, self.broker_port)
+        return self._broker
 
 
 def district_posts(n: int, seed: int = 7, prefix: str = "P") -> list[PostSpec]:

@@ -1,0 +1,217 @@
+"""Helpers for the tests: real processes, polling of cross-process state, API calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from firmware_sim.fleet import SimPost
+from provisioning import deployment as d
+from server.app import CentralServer
+from server.config import load_server_config
+
+ALARMPOST = [sys.executable, "-m", "alarmpost_cli.main"]
+
+
+async def until(predicate: Callable[[], Any], within: float = 10.0, what: str = "condition") -> Any:
+    """Poll a cross-process condition (a database row, an HTTP answer) until true or time out."""
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+MakeDeployment = Callable[..., d.Deployment]
+
+
+class run_server:
+    """``async with run_server(dep) as server``: in-process server, stopped cleanly on exit."""
+
+    def __init__(self, dep: d.Deployment) -> None:
+        self.server = CentralServer(load_server_config(dep.server_config))
+
+    async def __aenter__(self) -> CentralServer:
+        self.task = asyncio.create_task(self.server.run())
+        await asyncio.wait_for(self.server.ready.wait(), 10)
+        return self.server
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.stop()
+        await asyncio.wait_for(self.task, 10)
+
+
+class run_posts:
+    """``async with run_posts(dep, "P001", ...) as posts``: in-process agents on mock pins."""
+
+    def __init__(self, dep: d.Deployment, *ids: str, connect: bool = True, **overrides: Any) -> None:
+        self.posts: dict[str, SimPost] = {}
+        self.connect = connect
+        for post_id in ids or [p.id for p in dep.posts]:
+            post = SimPost.from_file(dep.post_config(post_id))
+            for key, value in overrides.items():
+                section, name = key.split("__")
+                setattr(getattr(post.config, section), name, value)
+            self.posts[post_id] = post
+
+    async def __aenter__(self) -> dict[str, SimPost]:
+        for post in self.posts.values():
+            post.start()
+        await asyncio.wait_for(
+            asyncio.gather(*(p.agent.started.wait() for p in self.posts.values())), 10
+        )
+        if self.connect:
+            await asyncio.wait_for(
+                asyncio.gather(*(p.agent.connected.wait() for p in self.posts.values())), 10
+            )
+        return self.posts
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.gather(*(p.stop() for p in self.posts.values()))
+
+
+class ServerProcess:
+    """``alarmpost server`` as a real child process (to be SIGKILLed, SIGSTOPped...)."""
+
+    def __init__(self, dep: d.Deployment, log_path: Path) -> None:
+        self.dep = dep
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*ALARMPOST, "server", "--config", str(self.dep.server_config)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        )
+        log.close()
+
+    async def wait_ready(self, within: float = 15.0) -> None:
+        async def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
+            try:
+                return (await api(self.dep, "/healthz"))["ok"] is True
+            except (aiohttp.ClientError, AssertionError, KeyError):
+                return False
+
+        await until(ready, within, "server /healthz")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(15)
+
+
+class SimProcess:
+    """``alarmpost sim --control`` as a child process: commands in, JSON lines out."""
+
+    def __init__(self, dep: d.Deployment, ids: list[str], log_path: Path) -> None:
+        self.dep, self.ids, self.log_path = dep, ids, log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            *ALARMPOST, "sim", "--deployment", str(self.dep.directory), "--control",
+            "--only", *self.ids,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+        )
+        log.close()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+            self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], count: int = 1,
+                       within: float = 15.0) -> list[dict[str, Any]]:
+        async def wait() -> list[dict[str, Any]]:
+            while True:
+                found = [line for line in self.lines if predicate(line)]
+                if len(found) >= count:
+                    return found
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(wait(), within)
+        except TimeoutError:
+            raise AssertionError(
+                f"sim did not print {count} matching lines in {within} s; got {self.lines[-5:]}\n"
+                + self.log_path.read_text()[-3000:]
+            ) from None
+
+    async def send(self, command: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with_suppress = self.proc
+            try:
+                with_suppress.send_signal(signal.SIGCONT)
+                with_suppress.kill()
+            except ProcessLookupError:
+                pass
+            await with_suppress.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+async def api(dep: d.Deployment, path: str, token: str | None = None) -> Any:
+    """GET a server endpoint with the deployment's token; JSON or text back."""
+    headers = {"Authorization": f"Bearer {dep.api_token if token is None else token}"}
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://127.0.0.1:{dep.http_port}{path}", headers=headers
+    ) as resp:
+        if resp.content_type == "application/json":
+            return await resp.json()
+        return await resp.text()
+
+
+def db_rows(dep: d.Deployment, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Read the server's SQLite file directly (a separate connection, as an auditor would)."""
+    import sqlite3
+
+    path = dep.directory / "server.db"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
