@@ -62,6 +62,19 @@ AckListener = Callable[[Ack, float], None]
 PressListener = Callable[[Event], None]
 
 
+class _MqttClient(aiomqtt.Client):
+    """aiomqtt drops PUBACK reason codes; a publish the broker refused (0x87, not authorised)
+    must not pass silently, or a misconfigured post would resend into the void forever."""
+
+    on_refused: Callable[[int], None] | None = None
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False) and self.on_refused is not None:
+            self.on_refused(int(reason_code.value))
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+
 @dataclass
 class _InFlight:
     entry: Pending
@@ -202,7 +215,9 @@ class EdgeAgent:
         )
 
     async def _session(self) -> None:
-        async with aiomqtt.Client(**self._client_args()) as client:  # type: ignore[arg-type]
+        client = _MqttClient(**self._client_args())  # type: ignore[arg-type]
+        client.on_refused = self._on_refused
+        async with client:
             self._client = client
             await client.subscribe(
                 [(self._topics["ack"], 1), (self._topics["cmd"], 1), (server_status_topic(), 1)]
@@ -241,6 +256,13 @@ class EdgeAgent:
                         qos=1,
                         retain=True,
                     )
+
+    def _on_refused(self, code: int) -> None:
+        self.counters["refused_by_broker"] += 1
+        self.log.error(
+            "the broker refused a publish (reason 0x%02x): this post may only publish under its "
+            "own id; check that [mqtt] username is %r", code, self.post_id,
+        )
 
     # ------------------------------------------------------------------ sending
     def _resend_all_now(self) -> None:
