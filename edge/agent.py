@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import ssl
 import time
 from collections import Counter, OrderedDict
@@ -105,6 +106,7 @@ class EdgeAgent:
         self._started = time.monotonic()
         self._siren_timer: asyncio.TimerHandle | None = None
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
+        self._memory_seq = 0
         self._client: aiomqtt.Client | None = None
         self._topics = {k: post_topic(self.post_id, k) for k in ("event", "heartbeat", "status",
                                                                    "cmdresult", "ack", "cmd")}
@@ -117,15 +119,30 @@ class EdgeAgent:
             self.hardware.set_siren(True)
             self._arm_siren_timeout()
         now = time.time()
-        event = self.outbox.add(
-            lambda seq: Event(id=new_ulid(now), post=self.post_id, seq=seq, ts=now, hold_ms=hold_ms)
-        )
+
+        def make(seq: int) -> Event:
+            return Event(id=new_ulid(now), post=self.post_id, seq=seq, ts=now, hold_ms=hold_ms)
+
+        try:
+            event = self.outbox.add(make)
+        except sqlite3.Error as exc:
+            # A full or broken disk must not swallow the alarm: send it from memory.
+            self.counters["outbox_errors"] += 1
+            self._memory_seq = max(self._memory_seq, self.outbox_last_seq_safe()) + 1
+            event = make(self._memory_seq)
+            self.log.error("outbox write failed (%s): event %s kept in memory only", exc, event.id)
         self.counters["presses"] += 1
         self._inflight[event.id] = _InFlight(Pending(event.seq, event.id, encode(event)))
         self.log.info("press accepted: event %s seq %d (held %d ms)", event.id, event.seq, hold_ms)
         self._wake.set()
         for listener in self.press_listeners:
             listener(event)
+
+    def outbox_last_seq_safe(self) -> int:
+        try:
+            return self.outbox.last_seq
+        except sqlite3.Error:
+            return max((i.entry.seq for i in self._inflight.values()), default=0)
 
     def _arm_siren_timeout(self) -> None:
         if self._siren_timer is not None:
@@ -342,7 +359,10 @@ class EdgeAgent:
         if item is None:
             self.counters["acks_unknown"] += 1  # a repeated ACK for an event already removed
             return
-        self.outbox.remove(ack.event_id)
+        try:
+            self.outbox.remove(ack.event_id)
+        except sqlite3.Error as exc:
+            self.log.error("outbox delete failed (%s); a resend after restart is harmless", exc)
         self.counters["acks"] += 1
         if not self.hardware.help:
             self.log.info("help is coming: event %s in incident %s", ack.event_id, ack.incident_id)

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import tomllib
 
-from protocol.messages import Ack
+import aiomqtt
+import msgspec
+
+from protocol.messages import Ack, Command, CommandResult, Event, encode
+from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
 from tests.helpers import db_rows, run_posts, run_server, until
@@ -121,11 +127,51 @@ async def test_resend_of_committed_event_is_acked_not_stored(
         await post.press()
         (ack,) = await asyncio.wait_for(acked, 5)
     # Replay the very same event bytes as a resend would.
-    from protocol.messages import Event, encode
-
     (row,) = db_rows(deployment, "SELECT id, seq, pressed_at, hold_ms FROM events")
     event = Event(id=row[0], post="P001", seq=row[1], ts=row[2], hold_ms=row[3])
     server.handle("alarmpost/v1/post/P001/event", encode(event))
     await until(lambda: server.metrics.value("events_duplicate_total") == 1, 5, "duplicate seen")
     assert db_rows(deployment, "SELECT COUNT(*) FROM events") == [(1,)]
     assert ack.event_id == event.id
+
+
+async def test_outbox_failure_does_not_swallow_the_alarm(
+    deployment: d.Deployment, server: CentralServer
+) -> None:
+    async with run_posts(deployment, "P003") as posts:
+        post = posts["P003"]
+        post.agent.outbox._db.close()  # the disk is gone
+        acked = ack_waiter(post.agent)
+        await post.press()
+        assert post.hardware.siren
+        (ack,) = await asyncio.wait_for(acked, 5)
+        assert post.agent.counters["outbox_errors"] == 1
+    assert db_rows(deployment, "SELECT id, seq FROM events") == [(ack.event_id, 1)]
+
+
+async def test_commands_reach_the_post_and_are_confirmed(
+    deployment: d.Deployment, server: CentralServer
+) -> None:
+    password = tomllib.loads(deployment.server_config.read_text())["mqtt"]["password"]
+    async with run_posts(deployment, "P001") as posts, aiomqtt.Client(
+        "127.0.0.1", deployment.broker_port, username="server", password=password,
+        identifier="console-test", protocol=aiomqtt.ProtocolVersion.V5,
+    ) as client:
+        post = posts["P001"]
+        acked = ack_waiter(post.agent)
+        await post.press()
+        await asyncio.wait_for(acked, 5)
+        await client.subscribe("alarmpost/v1/post/P001/cmdresult", qos=1)
+        results = []
+        for name in ["silence", "reset"]:
+            cmd = Command(id=new_ulid(), post="P001", cmd=name, ts=time.time())  # type: ignore[arg-type]
+            await client.publish("alarmpost/v1/post/P001/cmd", encode(cmd), qos=1)
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                results.append(msgspec.json.decode(message.payload, type=CommandResult))
+                break
+            if name == "silence":
+                assert not post.hardware.siren and post.hardware.strobe
+        assert [(r.cmd, r.ok) for r in results] == [("silence", True), ("reset", True)]
+        assert not post.hardware.strobe and not post.hardware.help
+

@@ -1,0 +1,146 @@
+"""The wire contract: every message round-trips, every kind of bad input is refused by reason."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    MAX_PAYLOAD_BYTES,
+    Ack,
+    Command,
+    CommandResult,
+    Event,
+    Heartbeat,
+    InvalidTopic,
+    Rejected,
+    ServerStatus,
+    Status,
+    decode_from_post,
+    decode_from_server,
+    encode,
+    new_ulid,
+    parse_post_topic,
+    post_topic,
+    valid_post_id,
+    valid_ulid,
+)
+
+NOW = time.time()
+EVENT = Event(id=new_ulid(), post="P001", seq=7, ts=NOW, hold_ms=120)
+EDGE = {
+    "event": EVENT,
+    "heartbeat": Heartbeat(post="P001", ts=NOW, interval_s=10, uptime_s=5.5, outbox_depth=0,
+                           button=False, strobe=True, siren=True, help=False),
+    "status": Status(post="P001", state="online", ts=NOW),
+    "cmdresult": CommandResult(id=new_ulid(), post="P001", cmd="silence", ok=True, ts=NOW),
+}
+SERVER = {
+    "ack": Ack(post="P001", event_id=EVENT.id, incident_id=new_ulid(), ts=NOW),
+    "cmd": Command(id=new_ulid(), post="P001", cmd="reset", ts=NOW),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EDGE))
+def test_edge_messages_round_trip(kind: str) -> None:
+    topic = post_topic("P001", kind)  # type: ignore[arg-type]
+    where, decoded = decode_from_post(topic, encode(EDGE[kind]))
+    assert where == ("P001", kind)
+    assert decoded == EDGE[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(SERVER))
+def test_server_messages_round_trip(kind: str) -> None:
+    topic = post_topic("P001", kind)  # type: ignore[arg-type]
+    assert decode_from_server(topic, encode(SERVER[kind]), "P001") == SERVER[kind]
+    status = ServerStatus(state="online", ts=NOW)
+    assert decode_from_server("alarmpost/v1/server/status", encode(status), "P001") == status
+
+
+def _event_doc(**changes: object) -> bytes:
+    doc = json.loads(encode(EVENT))
+    for key, value in changes.items():
+        if value is ...:
+            doc.pop(key)
+        else:
+            doc[key] = value
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "topic,payload,reason",
+    [
+        ("alarmpost/v1/post/P001/event", b"{not json", "malformed"),
+        ("alarmpost/v1/post/P001/event", b"", "malformed"),
+        ("alarmpost/v1/post/P001/event", b"[]", "invalid"),
+        ("alarmpost/v1/post/P001/event", _event_doc(v=2), "unknown_version"),
+        ("alarmpost/v1/post/P001/event", _event_doc(v="1"), "unknown_version"),
+        ("alarmpost/v1/post/P001/event", _event_doc(id="not-a-ulid"), "invalid"),
+        ("alarmpost/v1/post/P001/event", _event_doc(seq=0), "invalid"),
+        ("alarmpost/v1/post/P001/event", _event_doc(ts=12.0), "invalid"),
+        ("alarmpost/v1/post/P001/event", _event_doc(id=...), "invalid"),
+        ("alarmpost/v1/post/P001/event", _event_doc(extra=1), "invalid"),
+        ("alarmpost/v1/post/P001/event", _event_doc(type="fire"), "invalid"),
+        ("alarmpost/v1/post/P001/event", _event_doc(post="P002"), "post_mismatch"),
+        ("alarmpost/v1/post/P001/event", b" " * (MAX_PAYLOAD_BYTES + 1), "oversized"),
+        ("alarmpost/v1/post/P001/ack", encode(SERVER["ack"]), "wrong_direction"),
+        ("alarmpost/v2/post/P001/event", encode(EVENT), "bad_topic"),
+        ("alarmpost/v1/post/P+1/event", encode(EVENT), "bad_topic"),
+        ("alarmpost/v1/post/P001/event/x", encode(EVENT), "bad_topic"),
+        ("alarmpost/v1/post/P001/selfdestruct", encode(EVENT), "bad_topic"),
+        ("other/topic", encode(EVENT), "bad_topic"),
+    ],
+)
+def test_bad_input_is_rejected_with_a_reason(topic: str, payload: bytes, reason: str) -> None:
+    with pytest.raises(Rejected) as info:
+        decode_from_post(topic, payload)
+    assert info.value.reason == reason
+
+
+def test_non_finite_numbers_are_rejected() -> None:
+    doc = encode(EDGE["heartbeat"]).replace(b'"uptime_s":5.5', b'"uptime_s":1e999')
+    with pytest.raises(Rejected) as info:
+        decode_from_post("alarmpost/v1/post/P001/heartbeat", doc)
+    assert info.value.reason == "invalid"
+
+
+def test_edge_refuses_messages_for_another_post() -> None:
+    with pytest.raises(Rejected) as info:
+        decode_from_server("alarmpost/v1/post/P002/ack", encode(SERVER["ack"]), "P001")
+    assert info.value.reason == "wrong_post"
+
+
+@given(st.text(max_size=80), st.binary(max_size=600))
+@settings(max_examples=2000, deadline=None)
+def test_decoding_anything_either_succeeds_or_is_rejected(topic: str, payload: bytes) -> None:
+    try:
+        decode_from_post(topic, payload)
+    except Rejected as exc:
+        assert exc.reason in Rejected.REASONS
+
+
+@given(st.text(max_size=70))
+def test_post_ids_never_contain_mqtt_wildcards_or_separators(post_id: str) -> None:
+    if valid_post_id(post_id):
+        assert not set(post_id) & {"+", "#", "/", "\x00", " "}
+        assert parse_post_topic(post_topic(post_id, "event")).post_id == post_id
+    else:
+        with pytest.raises(InvalidTopic):
+            post_topic(post_id, "event")
+
+
+def test_reserved_ids_are_refused() -> None:
+    assert not valid_post_id("server")
+    assert valid_post_id("P001") and valid_post_id("gate-7_b")
+
+
+def test_ulids_are_unique_sortable_and_valid() -> None:
+    ids = [new_ulid(NOW + i / 1000) for i in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(valid_ulid(i) for i in ids)
+    assert [i[:10] for i in ids] == sorted(i[:10] for i in ids)
+    assert not valid_ulid("01ARZ3NDEKTSV4RRFFQ69G5FAu")
