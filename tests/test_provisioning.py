@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import signal
 import stat
 from pathlib import Path
@@ -15,6 +16,7 @@ def test_password_hashes_are_mosquittos_format() -> None:
     encoded = mosquitto_hash("s3cret")
     kind, iterations, salt, digest = encoded.split("$")[1:]
     assert (kind, iterations) == ("7", "101")
+    assert len(base64.b64decode(salt)) == 12 and len(base64.b64decode(digest)) == 64
     assert mosquitto_verify("s3cret", encoded) and not mosquitto_verify("other", encoded)
 
 
