@@ -80,7 +80,11 @@ def cmd_server(args: argparse.Namespace) -> int:
         await holder[0].run()
         return 0
 
-    return run_until_signal(main, lambda: holder and holder[0].stop())
+    def stop() -> None:
+        if holder:
+            holder[0].stop()
+
+    return run_until_signal(main, stop)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -142,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench import run_bench
 
-    return run_bench(args.name, args.json, args.options)
+    return int(run_bench(args.name, args.json, args.options))
 
 
 # ---------------------------------------------------------------------------- parser

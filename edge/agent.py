@@ -201,7 +201,7 @@ class EdgeAgent:
 
     def _client_args(self) -> dict[str, object]:
         m = self.config.mqtt
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = m.session_expiry_s
         will = aiomqtt.Will(
             self._topics["status"],
@@ -289,9 +289,8 @@ class EdgeAgent:
 
     def _backoff(self, attempts: int) -> float:
         t = self.config.timing
-        return min(t.ack_timeout_s * 2 ** max(attempts - 1, 0), t.resend_max_s) * random.uniform(
-            0.9, 1.1
-        )
+        base: float = min(t.ack_timeout_s * 2.0 ** max(attempts - 1, 0), t.resend_max_s)
+        return base * random.uniform(0.9, 1.1)
 
     async def _sender(self, client: aiomqtt.Client) -> None:
         """Publish every unacknowledged event in sequence order; resend on its deadline."""

@@ -169,9 +169,9 @@ class GpioHardware:
             raise RuntimeError("only a mock backend can be pressed in software")
         pin = self._button.pin
         if pressed:
-            pin.drive_low()  # type: ignore[attr-defined]
+            pin.drive_low()
         else:
-            pin.drive_high()  # type: ignore[attr-defined]
+            pin.drive_high()
 
     def close(self) -> None:
         if self.guard is not None:

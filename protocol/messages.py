@@ -166,7 +166,7 @@ def _decode(payload: bytes, cls: type[_M]) -> _M:
     if decoder is None:
         decoder = _decoders[cls] = msgspec.json.Decoder(cls)
     try:
-        message = decoder.decode(payload)
+        message: _M = decoder.decode(payload)
     except msgspec.ValidationError as exc:
         try:
             version = msgspec.json.decode(payload, type=_Envelope).v

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("alarmpost.http")
 
-SERVER_KEY = web.AppKey("server", "CentralServer")
+SERVER_KEY: web.AppKey[CentralServer] = web.AppKey("server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

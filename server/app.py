@@ -203,7 +203,7 @@ class CentralServer:
 
     async def _session(self) -> None:
         m = self.config.mqtt
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = m.session_expiry_s
         will = aiomqtt.Will(
             server_status_topic(), encode(ServerStatus(state="offline", ts=time.time())),
