@@ -2,8 +2,8 @@
 
 GET /api/posts                    every registered post with its live state and health
 GET /api/posts/{id}
-GET /api/incidents?state=open&limit=100
-GET /api/incidents/{id}           with its events
+GET /api/incidents?state=open&limit=100    open, closed, or a state (server.incidents)
+GET /api/incidents/{id}           with its events and audit timeline
 GET /api/events?post=P001&limit=100
 GET /api/faults?open=1&limit=100
 GET /metrics                      Prometheus text format
@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from server.incidents import STATES
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -88,8 +90,8 @@ async def post(request: web.Request) -> web.Response:
 
 async def incidents(request: web.Request) -> web.Response:
     state = request.query.get("state")
-    if state not in (None, "open", "resolved"):
-        raise web.HTTPBadRequest(reason="state must be 'open' or 'resolved'")
+    if state is not None and state not in ("open", "closed", *STATES):
+        raise web.HTTPBadRequest(reason=f"state must be open, closed or one of {', '.join(STATES)}")
     server = request.app[SERVER_KEY]
     return web.json_response(server.storage.incidents(state, _limit(request)))
 

@@ -40,6 +40,7 @@ from protocol.messages import (
 from protocol.settings import ConfigError
 from protocol.topics import post_subscription, post_topic, server_status_topic, valid_post_id
 from protocol.transport import SOCKET_OPTIONS
+from server.bus import Bus
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.storage import PostInfo, SqliteStorage, Storage
@@ -100,6 +101,7 @@ class CentralServer:
             config.database.path, config.database.synchronous
         )
         self.metrics = Metrics()
+        self.bus = Bus()
         self.live: dict[str, LivePost] = {}
         self.ready = asyncio.Event()
         self._queue: asyncio.Queue[tuple[Event, float]] = asyncio.Queue()
@@ -316,6 +318,9 @@ class CentralServer:
                         self.metrics.inc("incidents_opened_total")
                         log.info("incident %s opened by post %s (event %s)",
                                  res.incident_id, event.post, event.id)
+                    self.bus.publish("incident_opened" if res.new_incident else "event_joined",
+                                     incident_id=res.incident_id, post_id=event.post,
+                                     event_id=event.id, pressed_at=event.ts)
             task = asyncio.create_task(self._send_acks(client, batch, results))
             self._ack_tasks.add(task)
             task.add_done_callback(self._ack_tasks.discard)
@@ -339,6 +344,20 @@ class CentralServer:
             log.warning("%d ACKs not sent (broker gone); the posts will resend",
                         len(outcomes) - sent)
 
+    # ------------------------------------------------------------------ incidents
+    def transition(self, incident_id: str, to: str, actor: str, *, reason: str = "",
+                   classification: str | None = None) -> dict[str, object]:
+        """Move an incident through its lifecycle (audited) and tell every subscriber.
+
+        Raises ``LookupError`` (no such incident) or ``server.incidents.InvalidTransition``.
+        """
+        incident = self.storage.transition(incident_id, to, actor, reason=reason,
+                                           classification=classification)
+        self.bus.publish("incident_updated", incident_id=incident_id, state=incident["state"],
+                         action=to, actor=actor)
+        log.info("incident %s: %s by %s -> %s", incident_id, to, actor, incident["state"])
+        return incident
+
     # ------------------------------------------------------------------ supervision
     def _seen(self, post_id: str, live: LivePost, now: float) -> None:
         live.last_seen = now
@@ -347,6 +366,7 @@ class CentralServer:
             was = live.state
             live.state = "online"
             self.storage.set_post_state(post_id, "online", now, "")
+            self.bus.publish("post_state", post_id=post_id, state="online", reason="")
             log.info("post %s online (was %s)", post_id, was)
         self._arm_deadline(post_id, live, now)
 
@@ -373,6 +393,7 @@ class CentralServer:
             live.deadline = None
         live.state = "offline"
         self.storage.set_post_state(post_id, "offline", now, reason)
+        self.bus.publish("post_state", post_id=post_id, state="offline", reason=reason)
         self.metrics.inc("post_offline_total", reason=reason)
         log.warning("post %s offline: %s", post_id, reason)
 
@@ -400,4 +421,6 @@ class CentralServer:
         while True:
             await asyncio.sleep(min(idle / 4, 5.0))
             for incident_id in self.storage.resolve_idle_incidents(idle, time.time()):
+                self.bus.publish("incident_updated", incident_id=incident_id, state="resolved",
+                                 action="resolved", actor="system")
                 log.info("incident %s resolved automatically after %.0f s idle", incident_id, idle)

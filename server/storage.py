@@ -17,6 +17,7 @@ import sqlite_utils
 
 from protocol.messages import Event
 from protocol.ulid import new_ulid
+from server.incidents import CLOSED, next_state
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Storage(Protocol):
     def set_post_state(self, post_id: str, state: str, at: float, reason: str) -> None: ...
     def save_live(self, rows: Sequence[tuple[str, float, str]]) -> None: ...
     def resolve_idle_incidents(self, idle_s: float, now: float) -> list[str]: ...
+    def transition(self, incident_id: str, to: str, actor: str, *, reason: str = "",
+                   classification: str | None = None,
+                   at: float | None = None) -> dict[str, Any]: ...
+    def audit(self, incident_id: str) -> list[dict[str, Any]]: ...
     def posts(self) -> list[dict[str, Any]]: ...
     def post(self, post_id: str) -> dict[str, Any] | None: ...
     def incidents(self, state: str | None, limit: int) -> list[dict[str, Any]]: ...
@@ -76,9 +81,29 @@ CREATE TABLE IF NOT EXISTS incidents (
     closed_at REAL,
     event_count INTEGER NOT NULL,
     first_event_id TEXT NOT NULL,
+    acknowledged_by TEXT,
+    acknowledged_at REAL,
+    classification TEXT,
     note TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS incidents_open ON incidents(post_id) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS incidents_active ON incidents(post_id)
+    WHERE state NOT IN ('resolved', 'cancelled');
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    incident_id TEXT NOT NULL REFERENCES incidents(id),
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    from_state TEXT,
+    to_state TEXT,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS audit_incident ON audit(incident_id, id);
+-- The audit log is append-only.
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TABLE IF NOT EXISTS events (
     id TEXT PRIMARY KEY,
     post_id TEXT NOT NULL REFERENCES posts(id),
@@ -114,7 +139,9 @@ class SqliteStorage:
         self.db.executescript(_SCHEMA)
         self._open_incident: dict[str, str] = {
             row["post_id"]: row["id"]
-            for row in self.db.query("SELECT id, post_id FROM incidents WHERE state='open'")
+            for row in self.db.query(
+                "SELECT id, post_id FROM incidents WHERE state NOT IN ('resolved', 'cancelled')"
+            )
         }
 
     # -------------------------------------------------------------- writes
@@ -149,8 +176,13 @@ class SqliteStorage:
                     incident_id = new_ulid(now)
                     conn.execute(
                         "INSERT INTO incidents (id, post_id, state, opened_at, last_event_at, "
-                        "event_count, first_event_id) VALUES (?, ?, 'open', ?, ?, 1, ?)",
+                        "event_count, first_event_id) VALUES (?, ?, 'new', ?, ?, 1, ?)",
                         (incident_id, event.post, now, event.ts, event.id),
+                    )
+                    conn.execute(
+                        "INSERT INTO audit (incident_id, at, actor, action, to_state, detail) "
+                        "VALUES (?, ?, ?, 'opened', 'new', ?)",
+                        (incident_id, now, f"post:{event.post}", f"{event.type} event {event.id}"),
                     )
                     opened[event.post] = incident_id
                 else:
@@ -200,23 +232,72 @@ class SqliteStorage:
                 [(seen, health, post_id) for post_id, seen, health in rows],
             )
 
+    def transition(
+        self,
+        incident_id: str,
+        to: str,
+        actor: str,
+        *,
+        reason: str = "",
+        classification: str | None = None,
+        at: float | None = None,
+    ) -> dict[str, Any]:
+        """Move an incident (rules in :mod:`server.incidents`), append to the audit log, and
+        return the incident as it is now. Raises ``LookupError`` or ``InvalidTransition``."""
+        at = time.time() if at is None else at
+        with self.db.atomic():
+            row = self.db.conn.execute(
+                "SELECT state FROM incidents WHERE id=?", (incident_id,)
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"no incident {incident_id!r}")
+            current = row[0]
+            new = next_state(current, to, classification)
+            sets = ["state=?"]
+            values: list[Any] = [new]
+            if to == "acknowledged":
+                sets += ["acknowledged_by=coalesce(acknowledged_by, ?)",
+                         "acknowledged_at=coalesce(acknowledged_at, ?)"]
+                values += [actor, at]
+            if new in CLOSED:
+                sets += ["closed_at=?", "classification=?", "note=?"]
+                values += [at, classification, reason]
+            self.db.conn.execute(
+                f"UPDATE incidents SET {', '.join(sets)} WHERE id=?", (*values, incident_id)
+            )
+            self.db.conn.execute(
+                "INSERT INTO audit (incident_id, at, actor, action, from_state, to_state, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (incident_id, at, actor, to, current, new,
+                 reason if not classification else f"{classification}: {reason}".rstrip(": ")),
+            )
+        if new in CLOSED:
+            self._open_incident = {
+                p: i for p, i in self._open_incident.items() if i != incident_id
+            }
+        result = self.incident(incident_id)
+        assert result is not None
+        return result
+
+    def audit(self, incident_id: str) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT at, actor, action, from_state, to_state, detail FROM audit "
+            "WHERE incident_id=? ORDER BY id", (incident_id,)
+        ))
+
     def resolve_idle_incidents(self, idle_s: float, now: float) -> list[str]:
+        """Resolve (as ``test``) active incidents whose last press is older than ``idle_s``."""
         ids = [
             r["id"]
             for r in self.db.query(
-                "SELECT id FROM incidents WHERE state='open' AND last_event_at < ?",
+                "SELECT id FROM incidents WHERE state NOT IN ('resolved', 'cancelled') "
+                "AND last_event_at < ?",
                 (now - idle_s,),
             )
         ]
-        if ids:
-            with self.db.atomic():
-                for incident_id in ids:
-                    self.db.execute(
-                        "UPDATE incidents SET state='resolved', closed_at=?, note=? WHERE id=?",
-                        (now, "resolved automatically (incidents.auto_resolve_s)", incident_id),
-                    )
-            closed = set(ids)
-            self._open_incident = {p: i for p, i in self._open_incident.items() if i not in closed}
+        for incident_id in ids:
+            self.transition(incident_id, "resolved", "system", classification="test",
+                            reason=f"resolved automatically after {idle_s:g} s idle", at=now)
         return ids
 
     # -------------------------------------------------------------- reads
@@ -228,10 +309,18 @@ class SqliteStorage:
         return _post_row(rows[0]) if rows else None
 
     def incidents(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first. ``state``: one of the states, or "open" (active) or "closed"."""
+        params: tuple[str, ...] = ()
+        if state == "open":
+            where = "state NOT IN ('resolved', 'cancelled')"
+        elif state == "closed":
+            where = "state IN ('resolved', 'cancelled')"
+        elif state:
+            where, params = "state=?", (state,)
         if state:
             return list(self.db.query(
-                "SELECT * FROM incidents WHERE state=? ORDER BY opened_at DESC LIMIT ?",
-                (state, limit),
+                f"SELECT * FROM incidents WHERE {where} ORDER BY opened_at DESC LIMIT ?",
+                (*params, limit),
             ))
         return list(self.db.query(
             "SELECT * FROM incidents ORDER BY opened_at DESC LIMIT ?", (limit,)
@@ -245,6 +334,7 @@ class SqliteStorage:
         row["events"] = list(self.db.query(
             "SELECT * FROM events WHERE incident_id=? ORDER BY pressed_at", (incident_id,)
         ))
+        row["timeline"] = self.audit(incident_id)
         return row
 
     def events(self, post_id: str | None, limit: int) -> list[dict[str, Any]]:

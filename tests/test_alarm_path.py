@@ -44,7 +44,7 @@ async def test_press_is_committed_acked_and_help_shows(
         rows = db_rows(deployment, "SELECT id, post_id, seq, incident_id FROM events")
         assert rows == [(ack.event_id, "P001", 1, ack.incident_id)]
         incidents = db_rows(deployment, "SELECT id, post_id, state, event_count FROM incidents")
-        assert incidents == [(ack.incident_id, "P001", "open", 1)]
+        assert incidents == [(ack.incident_id, "P001", "new", 1)]
         assert post.agent.outbox.depth() == 0
         assert post.agent.outbox_depth == 0
         assert post.hardware.help

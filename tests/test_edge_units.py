@@ -97,3 +97,11 @@ async def test_button_guard_hold_bounce_and_long_hold() -> None:
     await asyncio.wait_for(got.wait(), 1)
     assert len(accepted) == 2
     guard.close()
+
+
+def test_gpio_backend_without_a_pin_library_explains_the_fix() -> None:
+    from edge.config import HardwareSection
+    from edge.hardware import GpioHardware
+
+    with pytest.raises(ConfigError, match="backend = \"mock\""):
+        GpioHardware(HardwareSection(backend="gpio"))

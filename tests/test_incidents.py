@@ -1,0 +1,98 @@
+"""The incident lifecycle: allowed transitions, audit log, bus notices."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+
+from protocol.messages import Event
+from protocol.ulid import new_ulid
+from provisioning import deployment as d
+from server.app import CentralServer
+from server.incidents import CLASSIFICATIONS, InvalidTransition, next_state
+from server.storage import PostInfo, SqliteStorage
+from tests.helpers import api, run_posts, run_server, until
+
+
+def test_transition_rules() -> None:
+    assert next_state("new", "acknowledged") == "acknowledged"
+    assert next_state("paged", "acknowledged") == "paged"  # recorded, state kept
+    assert next_state("paged", "paged") == "paged"  # re-page after decline/timeout
+    assert next_state("accepted", "en_route") == "en_route"
+    with pytest.raises(InvalidTransition, match="classification"):
+        next_state("on_scene", "resolved")
+    assert next_state("on_scene", "resolved", "medical") == "resolved"
+    with pytest.raises(InvalidTransition, match="already resolved"):
+        next_state("resolved", "cancelled")
+    with pytest.raises(InvalidTransition, match="cannot go from new to on_scene"):
+        next_state("new", "on_scene")
+    with pytest.raises(InvalidTransition, match="unknown state"):
+        next_state("new", "exploded")
+    assert "false_alarm" in CLASSIFICATIONS
+
+
+def test_storage_transitions_are_audited_and_the_audit_is_append_only(tmp_path) -> None:
+    store = SqliteStorage(str(tmp_path / "s.db"))
+    store.upsert_posts([PostInfo(id="P001")])
+    (res,) = store.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=time.time()),
+                                   time.time())])
+    store.transition(res.incident_id, "acknowledged", "op:alice")
+    store.transition(res.incident_id, "paged", "dispatcher", reason="team T1")
+    with pytest.raises(InvalidTransition):
+        store.transition(res.incident_id, "resolved", "op:alice")
+    incident = store.transition(res.incident_id, "resolved", "op:alice",
+                                classification="help_request", reason="crowd at the gate")
+    assert incident["state"] == "resolved" and incident["classification"] == "help_request"
+    assert incident["acknowledged_by"] == "op:alice"
+    assert [(a["actor"], a["action"], a["to_state"]) for a in incident["timeline"]] == [
+        ("post:P001", "opened", "new"),
+        ("op:alice", "acknowledged", "acknowledged"),
+        ("dispatcher", "paged", "paged"),
+        ("op:alice", "resolved", "resolved"),
+    ]
+    assert store.open_incident_count() == 0
+    with pytest.raises(LookupError):
+        store.transition("nope", "acknowledged", "op:alice")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.db.execute("DELETE FROM audit")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.db.execute("UPDATE audit SET actor='mallory'")
+    # A new press after resolution opens a new incident.
+    (res2,) = store.commit_events([(Event(id=new_ulid(), post="P001", seq=2, ts=time.time()),
+                                    time.time())])
+    assert res2.new_incident and res2.incident_id != res.incident_id
+    store.close()
+
+
+async def test_bus_tells_subscribers_and_api_shows_the_timeline(
+    deployment: d.Deployment, server: CentralServer
+) -> None:
+    notices = server.bus.subscribe()
+    async with run_posts(deployment, "P001") as posts:
+        await posts["P001"].press()
+        opened = await asyncio.wait_for(notices.get(), 5)
+        while opened["type"] != "incident_opened":
+            opened = await asyncio.wait_for(notices.get(), 5)
+        assert opened["post_id"] == "P001"
+        server.transition(opened["incident_id"], "acknowledged", "op:bob")
+        updated = await asyncio.wait_for(notices.get(), 5)
+        assert updated == {"type": "incident_updated", "incident_id": opened["incident_id"],
+                           "state": "acknowledged", "action": "acknowledged", "actor": "op:bob"}
+    body = await api(deployment, f"/api/incidents/{opened['incident_id']}")
+    assert [a["action"] for a in body["timeline"]] == ["opened", "acknowledged"]
+    assert (await api(deployment, "/api/incidents?state=open"))[0]["id"] == opened["incident_id"]
+    assert await api(deployment, "/api/incidents?state=closed") == []
+    server.bus.unsubscribe(notices)
+
+
+async def test_auto_resolve_closes_idle_incidents(make_deployment) -> None:
+    dep = make_deployment(1, auto_resolve_s=0.4)
+    async with run_server(dep) as server, run_posts(dep, "P001") as posts:
+        await posts["P001"].press()
+        await until(lambda: server.storage.open_incident_count() == 1, 5, "incident opened")
+        await until(lambda: server.storage.open_incident_count() == 0, 5, "incident resolved")
+        (incident,) = server.storage.incidents("closed", 10)
+        assert incident["classification"] == "test"
