@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from edge.config import HardwareSection
+from protocol.settings import ConfigError
 
 PressCallback = Callable[[int], None]  # called with how long the button was held (ms)
 
@@ -103,6 +104,7 @@ class GpioHardware:
 
     def __init__(self, config: HardwareSection) -> None:
         from gpiozero import Button, DigitalOutputDevice
+        from gpiozero.exc import BadPinFactory
 
         factory = None
         if config.backend == "mock":
@@ -111,7 +113,14 @@ class GpioHardware:
             factory = MockFactory()
         self.config = config
         self.pin_factory = factory
-        self._button = Button(config.button_pin, pull_up=True, pin_factory=factory)
+        try:
+            self._button = Button(config.button_pin, pull_up=True, pin_factory=factory)
+        except BadPinFactory:
+            raise ConfigError(
+                "no GPIO library found for [hardware] backend = \"gpio\": on a Raspberry Pi "
+                "install one (sudo apt-get install python3-lgpio, or pip install lgpio); "
+                "elsewhere use backend = \"mock\""
+            ) from None
         self._strobe = DigitalOutputDevice(config.strobe_pin, pin_factory=factory)
         self._siren = DigitalOutputDevice(config.siren_pin, pin_factory=factory)
         self._help = DigitalOutputDevice(config.help_pin, pin_factory=factory)
