@@ -162,7 +162,7 @@ class CentralServer:
         loop = asyncio.get_running_loop()
         now = time.time()
         for post_id, live in self.live.items():
-            if live.state == "online":  # whatever was online must prove it again
+            if live.state == "online":  # must prove it again, with a full grace period from now
                 self._arm_deadline(post_id, live, now)
         background = [
             asyncio.create_task(self._flush_loop()),
@@ -370,14 +370,14 @@ class CentralServer:
             log.info("post %s online (was %s)", post_id, was)
         self._arm_deadline(post_id, live, now)
 
-    def _arm_deadline(self, post_id: str, live: LivePost, now: float) -> None:
+    def _arm_deadline(self, post_id: str, live: LivePost, since: float) -> None:
+        """Offline unless heard from within the grace period counted from ``since``."""
         if live.deadline is not None:
             live.deadline.cancel()
         grace = self.config.supervision.grace_intervals * live.interval_s
         loop = asyncio.get_running_loop()
         live.deadline = loop.call_later(
-            max((live.last_seen or now) + grace - time.time(), 0.0),
-            self._deadline_missed, post_id,
+            max(since + grace - time.time(), 0.0), self._deadline_missed, post_id
         )
 
     def _deadline_missed(self, post_id: str) -> None:

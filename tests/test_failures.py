@@ -134,3 +134,18 @@ async def test_server_restart_resumes_supervision_of_posts_that_died_meanwhile(
     async with run_server(dep) as server:
         await until(lambda: server.live["P001"].state == "offline", 5, "P001 offline")
     sim.signal(signal.SIGCONT)
+
+
+async def test_server_restart_does_not_fault_healthy_posts(
+    make_deployment: MakeDeployment, sim_factory: Callable[..., Awaitable[SimProcess]]
+) -> None:
+    dep = make_deployment(2, heartbeat_s=1.0)
+    sim = await sim_factory(dep, "P001", "P002")
+    async with run_server(dep) as server:
+        await sim.wait_for(lambda line: line["type"] == "ready")
+        await until(lambda: all(p.state == "online" for p in server.live.values()), 5, "online")
+    await asyncio.sleep(3.0)  # down longer than the grace period; the posts live on
+    async with run_server(dep) as server:
+        await asyncio.sleep(3.0)  # longer than the grace period again, now supervised
+        assert all(p.state == "online" for p in server.live.values())
+    assert db_rows(dep, "SELECT COUNT(*) FROM faults") == [(0,)]
