@@ -73,6 +73,7 @@ class SimPost:
 class Fleet:
     def __init__(self, posts: Iterable[SimPost]) -> None:
         self.posts = {p.post_id: p for p in posts}
+        self.pressing: set[asyncio.Task[None]] = set()  # presses under way
 
     @classmethod
     def from_dir(cls, directory: Path, limit: int | None = None) -> Fleet:
@@ -103,7 +104,19 @@ class Fleet:
                 coro = post.press(hold_s=rng.uniform(1.0, 3.0))
             else:
                 coro = post.brush()
-            asyncio.create_task(coro)  # noqa: RUF006 - short-lived, owned by the loop
+            task = asyncio.create_task(coro)
+            self.pressing.add(task)
+            task.add_done_callback(self.pressing.discard)
+
+    async def stop_pressing(self, finish_within: float = 0.0) -> None:
+        """Let presses under way finish (up to ``finish_within`` seconds), cancel the rest.
+        Cancel :meth:`random_presses` itself first so no new ones start."""
+        tasks = list(self.pressing)
+        if tasks and finish_within > 0:
+            await asyncio.wait(tasks, timeout=finish_within)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def stop(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.posts.values()))

@@ -17,7 +17,9 @@ class MqttSection:
     client_id: str = "alarmpost-server"
     session_expiry_s: int = 7 * 24 * 3600
     keepalive_s: int = 15
-    tls_ca_file: str = ""
+    tls_ca_file: str = ""  # set to use TLS to the broker
+    tls_cert_file: str = ""  # client certificate, for a broker with require_certificate
+    tls_key_file: str = ""
 
 
 @dataclass

@@ -112,7 +112,7 @@ CREATE TABLE IF NOT EXISTS events (
     pressed_at REAL NOT NULL,
     hold_ms INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    committed_at REAL NOT NULL,
+    committed_at REAL NOT NULL,  -- written in the committing transaction, just before COMMIT
     incident_id TEXT NOT NULL REFERENCES incidents(id)
 );
 CREATE INDEX IF NOT EXISTS events_post ON events(post_id, seq);
