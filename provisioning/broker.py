@@ -7,6 +7,8 @@ MQTT 5) and silently filters what it may not read.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import getpass
 import logging
 import os
@@ -14,8 +16,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from protocol.topics import TOPIC_PREFIX, valid_post_id
@@ -34,6 +38,27 @@ INSTALL_HINT = (
 
 class BrokerError(RuntimeError):
     """Mosquitto is missing, failed to start, or exited."""
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` giving the child SIGTERM when its parent dies (Linux), else None.
+
+    Demos, tests and benchmarks start brokers and servers; if they are SIGKILLed, their children
+    must not live on. ``prctl`` is looked up here, before the fork; the child only calls it.
+    Beware: the signal follows the *thread* that forked, so only use it from a thread that
+    lives as long as the parent (the main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def setup() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return setup
 
 
 def find_mosquitto() -> str:
@@ -64,9 +89,18 @@ def acl_text() -> str:
             f"pattern write {post}/heartbeat",
             f"pattern write {post}/status",
             f"pattern write {post}/cmdresult",
+            f"pattern write {post}/callstate",
             f"pattern read {post}/ack",
             f"pattern read {post}/cmd",
+            f"pattern read {post}/call",
             f"pattern read {TOPIC_PREFIX}/server/status",
+            "",
+            "# Patrol teams: the user name is team-{id}, and %u is the whole user name.",
+            f"pattern read {TOPIC_PREFIX}/team/%u/page",
+            f"pattern read {TOPIC_PREFIX}/team/%u/withdrawn",
+            f"pattern write {TOPIC_PREFIX}/team/%u/answer",
+            f"pattern write {TOPIC_PREFIX}/team/%u/position",
+            f"pattern write {TOPIC_PREFIX}/team/%u/status",
             "",
         ]
     )
@@ -163,6 +197,8 @@ class Mosquitto:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=die_with_parent() if threading.current_thread() is threading.main_thread()
+            else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
