@@ -67,10 +67,12 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from protocol.settings import redacted
+    from protocol.settings import ConfigError, redacted
     from server.app import CentralServer
     from server.config import load_server_config
 
+    if args.config is None:
+        raise ConfigError("alarmpost server needs --config FILE (the server's TOML file)")
     config = load_server_config(args.config)
     log.info("server config: %s", redacted(config))
     holder: list[CentralServer] = []
@@ -87,6 +89,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     return run_until_signal(main, stop)
 
 
+def cmd_server_user(args: argparse.Namespace) -> int:
+    from server.console.users import user_command
+
+    return user_command(args)
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from firmware_sim.control import run_sim
 
@@ -100,12 +108,23 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     dep = open_deployment(Path(args.deployment))
     broker = dep.mosquitto()
+    stopping = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # SIGHUP re-reads the password and ACL files (new or revoked posts); SIGTERM stops.
+    signal.signal(signal.SIGHUP, lambda signum, frame: broker.reload())
+    signal.signal(signal.SIGTERM, on_term)
     broker.start()
     print(f"mosquitto running on 127.0.0.1:{dep.broker_port} (log: {broker.log_path}); "
-          "Ctrl-C stops it", file=sys.stderr)
+          "Ctrl-C stops it, SIGHUP reloads its password and ACL files", file=sys.stderr)
     try:
-        while broker.running:
-            time.sleep(0.5)
+        while broker.running and not stopping:
+            time.sleep(0.2)
+        if stopping:
+            return 0
         print("mosquitto exited; see its log", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -119,9 +138,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     if args.action == "init":
         dep = d.create(Path(args.dir), d.district_posts(args.posts), broker_port=args.broker_port,
-                       http_port=args.http_port, hardware_backend=args.hardware)
+                       http_port=args.http_port, hardware_backend=args.hardware,
+                       listen=args.listen, broker_host=args.broker_host)
         print(f"deployment written to {dep.directory}")
-        print(f"  broker:  alarmpost broker --deployment {dep.directory}")
+        print(f"  broker:  alarmpost broker --deployment {dep.directory}   "
+              f"(listens on {dep.listen}:{dep.broker_port}; posts connect to {dep.broker_host})")
         print(f"  server:  alarmpost server --config {dep.server_config}")
         for post in dep.posts[:3]:
             print(f"  post:    alarmpost edge --config {dep.post_config(post.id)}")
@@ -176,8 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("server", help="run the central server",
                        description="Ingest events from every post, keep incidents, supervise "
                        "posts and serve the HTTP API. SIGHUP reloads the post registry.")
-    p.add_argument("--config", required=True, type=Path, help="server TOML file")
+    p.add_argument("--config", type=Path, help="server TOML file (required)")
     p.set_defaults(func=cmd_server)
+    ssub = p.add_subparsers(dest="server_action", metavar="ACTION")
+    q = ssub.add_parser("user", help="console accounts (operators, supervisors, ...)")
+    usub = q.add_subparsers(dest="user_action", required=True, metavar="ACTION")
+    u = usub.add_parser("add", help="create a console account",
+                        description="Create a console account; the password is asked for, or "
+                        "read from standard input with --password-stdin.")
+    u.add_argument("--config", dest="user_config", type=Path, help="server TOML file")
+    u.add_argument("name")
+    u.add_argument("--role", required=True,
+                   choices=["operator", "supervisor", "technician", "admin"])
+    u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    u.set_defaults(func=cmd_server_user)
+    u = usub.add_parser("list", help="list console accounts")
+    u.add_argument("--config", dest="user_config", type=Path, help="server TOML file")
+    u.set_defaults(func=cmd_server_user)
 
     p = sub.add_parser("edge", help="run the agent of one alarm post",
                        description="Read the button, drive strobe and siren, send events.")
@@ -213,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--http-port", type=int, help="default: a free port")
     q.add_argument("--hardware", choices=["gpio", "mock"], default="mock",
                    help="backend written into the post configs (default mock)")
+    q.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
+                   help="address the broker listens on (default 127.0.0.1; 0.0.0.0 for all)")
+    q.add_argument("--broker-host", metavar="HOST",
+                   help="address or name the posts connect to (default: the --listen address)")
     q = psub.add_parser("post", help="add one post: account, registry entry, config file")
     q.add_argument("dir", help="the deployment directory")
     q.add_argument("--id", required=True)
@@ -223,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lon", type=float, required=True)
     q.add_argument("--hardware", choices=["gpio", "mock"], default="gpio")
     p.set_defaults(func=cmd_provision)
+
+    from alarmpost_cli.patrol import add_parser as add_patrol_parser
+
+    add_patrol_parser(sub)  # alarmpost patrol team add/list/remove
 
     p = sub.add_parser("bench", help="run a benchmark (see bench/)",
                        description="Benchmarks print figures; with --json the last line of output "
@@ -235,7 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # KEY=VALUE benchmark options may follow --json too (argparse won't fill a positional list
+    # after a flag): collect the leftovers for `bench`, refuse them anywhere else.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "bench" or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.options = [*args.options, *extra]
     setup_logging(args.log_level)
     from protocol.settings import ConfigError
     from provisioning.broker import BrokerError

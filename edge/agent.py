@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import sqlite3
@@ -33,9 +34,11 @@ from paho.mqtt.properties import Properties
 
 from edge.config import EdgeConfig
 from edge.hardware import GpioHardware, Hardware
+from edge.intercom import Intercom
 from edge.outbox import Outbox, Pending
 from protocol.messages import (
     Ack,
+    CallSignal,
     Command,
     CommandResult,
     Event,
@@ -109,7 +112,11 @@ class EdgeAgent:
         self._memory_seq = 0
         self._client: aiomqtt.Client | None = None
         self._topics = {k: post_topic(self.post_id, k) for k in ("event", "heartbeat", "status",
-                                                                   "cmdresult", "ack", "cmd")}
+                                                                   "cmdresult", "ack", "cmd",
+                                                                   "call", "callstate")}
+        media = dataclasses.asdict(config.media)
+        self.intercom = Intercom({"post_id": self.post_id, **media}, self._publish_call, self.log)
+        self._call_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ the press
     def _on_press(self, hold_ms: int) -> None:
@@ -137,6 +144,7 @@ class EdgeAgent:
         self._wake.set()
         for listener in self.press_listeners:
             listener(event)
+        self.intercom.preload()  # the post rings: load the media stack before the answer
 
     def outbox_last_seq_safe(self) -> int:
         try:
@@ -197,6 +205,7 @@ class EdgeAgent:
                 self._siren_timer.cancel()
             self.outbox.close()
             self.hardware.close()
+            await self.intercom.close()
             self.log.info("agent stopped")
 
     def _client_args(self) -> dict[str, object]:
@@ -237,7 +246,8 @@ class EdgeAgent:
         async with client:
             self._client = client
             await client.subscribe(
-                [(self._topics["ack"], 1), (self._topics["cmd"], 1), (server_status_topic(), 1)]
+                [(self._topics["ack"], 1), (self._topics["cmd"], 1), (self._topics["call"], 1),
+                 (server_status_topic(), 1)]
             )
             await client.publish(
                 self._topics["status"],
@@ -260,6 +270,8 @@ class EdgeAgent:
                 for task in [*tasks, stopper]:
                     task.cancel()
                 await asyncio.gather(*tasks, stopper, return_exceptions=True)
+                # A new MQTT session means new calls: the server ends this session's too.
+                await self.intercom.end_all("MQTT session ended")
             for task in done:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -351,6 +363,20 @@ class EdgeAgent:
                 await self._on_command(client, decoded)
             elif isinstance(decoded, ServerStatus):
                 self._on_server_status(decoded)
+            elif isinstance(decoded, CallSignal):
+                self._spawn_call_task(self.intercom.on_signal(decoded))
+
+    def _spawn_call_task(self, coro: Any) -> None:
+        # Answering takes a while (media stack, ICE gathering): never hold up ACKs meanwhile.
+        task = asyncio.ensure_future(coro)
+        self._call_tasks.add(task)
+        task.add_done_callback(self._call_tasks.discard)
+
+    async def _publish_call(self, signal: CallSignal) -> None:
+        client = self._client
+        if client is None:
+            raise aiomqtt.MqttError("not connected")
+        await client.publish(self._topics["callstate"], encode(signal), qos=1)
 
     def _on_ack(self, ack: Ack) -> None:
         received = time.time()
@@ -377,6 +403,7 @@ class EdgeAgent:
             self._resend_all_now()  # a restarted server has lost what it had not committed
         elif was and not self.server_online:
             self.log.warning("server went offline; events stay in the outbox")
+            self._spawn_call_task(self.intercom.end_all("server went offline"))
 
     async def _on_command(self, client: aiomqtt.Client, cmd: Command) -> None:
         if cmd.id in self._seen_commands:

@@ -55,12 +55,26 @@ class OutboxSection:
 
 
 @dataclass
+class MediaSection:
+    """The video intercom (edge.media, loaded only when the post rings)."""
+
+    camera: str = ""  # OpenCV device index ("0") or path/URL; "" = a moving test pattern
+    width: int = 640
+    height: int = 480
+    fps: float = 15.0
+    ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs; none on a LAN
+    ice_username: str = ""
+    ice_password: str = ""
+
+
+@dataclass
 class EdgeConfig:
     post: PostSection = field(default_factory=PostSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     hardware: HardwareSection = field(default_factory=HardwareSection)
     timing: TimingSection = field(default_factory=TimingSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
+    media: MediaSection = field(default_factory=MediaSection)
     source: Path | None = None
 
     def validate(self) -> None:

@@ -16,14 +16,18 @@ import msgspec
 from protocol.topics import (
     EDGE_KINDS,
     SERVER_KINDS,
+    TEAM_KINDS,
+    TEAM_SERVER_KINDS,
     InvalidTopic,
     PostTopic,
     parse_post_topic,
+    parse_team_topic,
     server_status_topic,
 )
 
 PROTOCOL_VERSION: Final = 1
 MAX_PAYLOAD_BYTES: Final = 4096
+MAX_CALL_PAYLOAD_BYTES: Final = 32768  # a call offer/answer carries an SDP (~3-6 kB)
 
 PostId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 Ulid = Annotated[str, msgspec.Meta(pattern=r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
@@ -100,6 +104,18 @@ class CommandResult(_Message, frozen=True, kw_only=True):
     ts: Timestamp
 
 
+class CallSignal(_Message, frozen=True, kw_only=True):
+    """Video intercom signaling, no trickle: one ``offer`` (server → post, on ``call``), one
+    ``answer`` (post → server, on ``callstate``); ``hangup`` either way ends call ``id``."""
+
+    id: Ulid
+    post: PostId
+    kind: Literal["offer", "answer", "hangup"]
+    sdp: Annotated[str, msgspec.Meta(max_length=30000)] = ""
+    ts: Timestamp
+    reason: Text = ""
+
+
 class ServerStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Retained presence of the central server on ``alarmpost/v1/server/status``."""
 
@@ -108,18 +124,102 @@ class ServerStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     ts: Timestamp
 
 
-EdgeMessage: TypeAlias = Event | Heartbeat | Status | CommandResult
-ServerMessage: TypeAlias = Ack | Command | ServerStatus
-AnyMessage: TypeAlias = EdgeMessage | ServerMessage
+# ---------------------------------------------------------------------------- patrol teams
+TeamId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,58}$")]
+Latitude = Annotated[float, msgspec.Meta(ge=-90.0, le=90.0)]
+Longitude = Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)]
+PageAnswerKind = Literal["accept", "decline", "en_route", "on_scene", "resolved"]
+TeamState = Literal["available", "paged", "en_route", "on_scene", "off_duty"]
+
+
+class Page(_Message, frozen=True, kw_only=True):
+    """Server → team: go to this post. Answer with a :class:`PageAnswer` naming ``id``."""
+
+    id: Ulid  # the page; a resend carries the same id, so a device shows it once
+    team: TeamId
+    incident: Ulid
+    post: PostId
+    post_name: Text = ""
+    school: Text = ""
+    address: Text = ""
+    lat: Latitude | None = None
+    lon: Longitude | None = None
+    what: Text = "alarm"
+    ts: Timestamp
+    deadline: Timestamp  # answer before this, or the next team is paged
+    broadcast: bool = False  # sent to several teams: the first to accept takes it
+
+
+class PageWithdrawn(_Message, frozen=True, kw_only=True):
+    """Server → team: stop showing page ``page`` (taken by another team, cancelled, ...)."""
+
+    page: Ulid
+    team: TeamId
+    incident: Ulid
+    reason: Literal["taken", "cancelled", "timeout", "closed", "reassigned"]
+    ts: Timestamp
+
+
+class PageAnswer(_Message, frozen=True, kw_only=True):
+    """Team → server: what the team does about page ``page``."""
+
+    page: Ulid
+    team: TeamId
+    incident: Ulid
+    answer: PageAnswerKind
+    ts: Timestamp
+    classification: Text = ""  # with "resolved": crime, medical, traffic_crowd, ...
+    detail: Text = ""
+
+
+class TeamPosition(_Message, frozen=True, kw_only=True):
+    """Team → server: where the team is. Older than the server's max age counts as unknown."""
+
+    team: TeamId
+    lat: Latitude
+    lon: Longitude
+    ts: Timestamp
+    accuracy_m: Annotated[float, msgspec.Meta(ge=0, le=100_000)] = 0.0
+    speed_mps: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+
+
+class TeamStatus(_Message, frozen=True, kw_only=True):
+    """Team → server: retained duty status; ``off_duty`` is also the device's Last Will."""
+
+    team: TeamId
+    state: TeamState
+    ts: Timestamp
+    reason: Text = ""
+
+
+TeamMessage: TypeAlias = PageAnswer | TeamPosition | TeamStatus
+TeamServerMessage: TypeAlias = Page | PageWithdrawn
+
+EdgeMessage: TypeAlias = Event | Heartbeat | Status | CommandResult | CallSignal
+ServerMessage: TypeAlias = Ack | Command | ServerStatus | CallSignal
+AnyMessage: TypeAlias = EdgeMessage | ServerMessage | TeamMessage | TeamServerMessage
 
 _EDGE_TYPES: Final[dict[str, type[EdgeMessage]]] = {
     "event": Event,
     "heartbeat": Heartbeat,
     "status": Status,
     "cmdresult": CommandResult,
+    "callstate": CallSignal,
 }
-_SERVER_TYPES: Final[dict[str, type[Ack] | type[Command]]] = {"ack": Ack, "cmd": Command}
+_SERVER_TYPES: Final[dict[str, type[Ack] | type[Command] | type[CallSignal]]] = {
+    "ack": Ack, "cmd": Command, "call": CallSignal,
+}
 assert set(_EDGE_TYPES) == EDGE_KINDS and set(_SERVER_TYPES) == SERVER_KINDS
+_TEAM_TYPES: Final[dict[str, type[TeamMessage]]] = {
+    "answer": PageAnswer,
+    "position": TeamPosition,
+    "status": TeamStatus,
+}
+_TEAM_SERVER_TYPES: Final[dict[str, type[TeamServerMessage]]] = {
+    "page": Page,
+    "withdrawn": PageWithdrawn,
+}
+assert set(_TEAM_TYPES) == TEAM_KINDS and set(_TEAM_SERVER_TYPES) == TEAM_SERVER_KINDS
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder] = {}  # type: ignore[type-arg]
@@ -142,6 +242,17 @@ class Rejected(ValueError):
         "post_mismatch",
         "unknown_post",
         "wrong_post",
+        # patrol teams (decoding, then the dispatcher's checks)
+        "team_mismatch",
+        "unknown_team",
+        "wrong_team",
+        "stale_position",
+        "future_timestamp",
+        "unknown_page",
+        "not_your_page",
+        "page_closed",
+        "not_assigned",
+        "classification_required",
     )
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -160,8 +271,9 @@ _M = TypeVar("_M", bound=msgspec.Struct)
 
 
 def _decode(payload: bytes, cls: type[_M]) -> _M:
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise Rejected("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    limit = MAX_CALL_PAYLOAD_BYTES if cls is CallSignal else MAX_PAYLOAD_BYTES
+    if len(payload) > limit:
+        raise Rejected("oversized", f"{len(payload)} bytes > {limit}")
     decoder = _decoders.get(cls)
     if decoder is None:
         decoder = _decoders[cls] = msgspec.json.Decoder(cls)
@@ -215,4 +327,39 @@ def decode_from_server(topic: str, payload: bytes, post_id: str) -> ServerMessag
     message = _decode(payload, cls)
     if message.post != post_id:
         raise Rejected("post_mismatch", f"topic names {post_id!r}, body {message.post!r}")
+    return message
+
+
+def decode_from_team(topic: str, payload: bytes) -> tuple[str, TeamMessage]:
+    """Decode what a team's device published: ``(team_id, message)``. The body must name the
+    same team as the topic."""
+    try:
+        where = parse_team_topic(topic)
+    except InvalidTopic as exc:
+        raise Rejected("bad_topic", str(exc)) from None
+    cls = _TEAM_TYPES.get(where.kind)
+    if cls is None:
+        raise Rejected("wrong_direction", f"{where.kind!r} is not sent by teams")
+    message = _decode(payload, cls)
+    if message.team != where.team_id:
+        raise Rejected("team_mismatch", f"topic names {where.team_id!r}, body {message.team!r}")
+    return where.team_id, message
+
+
+def decode_for_team(topic: str, payload: bytes, team_id: str) -> TeamServerMessage | ServerStatus:
+    """Decode what the server sent to team ``team_id`` (a page, a withdrawal, server status)."""
+    if topic == server_status_topic():
+        return _decode(payload, ServerStatus)
+    try:
+        where = parse_team_topic(topic)
+    except InvalidTopic as exc:
+        raise Rejected("bad_topic", str(exc)) from None
+    if where.team_id != team_id:
+        raise Rejected("wrong_team", f"addressed to {where.team_id!r}")
+    cls = _TEAM_SERVER_TYPES.get(where.kind)
+    if cls is None:
+        raise Rejected("wrong_direction", f"{where.kind!r} is not sent by the server")
+    message = _decode(payload, cls)
+    if message.team != team_id:
+        raise Rejected("team_mismatch", f"topic names {team_id!r}, body {message.team!r}")
     return message

@@ -120,7 +120,9 @@ def redacted(config: Any) -> dict[str, Any]:
             continue
         values = dataclasses.asdict(getattr(config, section.name))
         out[section.name] = {
-            k: ("***" if k in SECRET_KEYS and v else v) for k, v in values.items()
+            k: ("***" if (k in SECRET_KEYS or k.endswith(("_password", "_token", "_secret")))
+                and v else v)
+            for k, v in values.items()
         }
     return out
 

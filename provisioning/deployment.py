@@ -7,6 +7,7 @@
     DIR/server.toml            server config (its MQTT password and API token: mode 0600)
     DIR/posts.toml             the post registry the server validates against
     DIR/posts/{id}.toml        each post's edge config (its MQTT password: mode 0600)
+    DIR/teams/{id}.toml        each patrol team's device config (MQTT user team-{id}: mode 0600)
 
 Posts are identified by their id, which is also their MQTT user name: the broker's ACL patterns
 (``%u``) give each post its own topics and nothing else.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.settings import ConfigError
-from protocol.topics import valid_post_id
+from protocol.topics import TEAM_USER_PREFIX, team_user, valid_post_id, valid_team_id
 from provisioning import broker
 from provisioning.credentials import mosquitto_hash, new_secret
 
@@ -73,6 +74,8 @@ class Deployment:
     http_port: int
     api_token: str = ""
     posts: list[PostSpec] = field(default_factory=list)
+    listen: str = "127.0.0.1"  # the address the broker listens on
+    broker_host: str = "127.0.0.1"  # the address posts and teams connect to
     _broker: broker.Mosquitto | None = field(default=None, repr=False)
 
     @property
@@ -90,10 +93,13 @@ class Deployment:
     def post_config(self, post_id: str) -> Path:
         return self.directory / "posts" / f"{post_id}.toml"
 
+    def team_config(self, team_id: str) -> Path:
+        return self.directory / "teams" / f"{team_id}.toml"
+
     def mosquitto(self) -> broker.Mosquitto:
         """This deployment's broker (one handle, so whoever started it can stop it)."""
         if self._broker is None:
-            self._broker = broker.Mosquitto(self.broker_dir, self.broker_port)
+            self._broker = broker.Mosquitto(self.broker_dir, self.broker_port, self.listen)
         return self._broker
 
 
@@ -134,8 +140,22 @@ def create(
     hardware_backend: str = "mock",
     hold_ms: int = 80,
     auto_resolve_s: float = 0.0,
+    listen: str = "127.0.0.1",
+    broker_host: str | None = None,
 ) -> Deployment:
-    """Write a complete deployment for ``posts`` into ``directory`` (which must be empty)."""
+    """Write a complete deployment for ``posts`` into ``directory`` (which must be empty).
+
+    ``listen`` is the address the broker binds (``0.0.0.0`` for every interface);
+    ``broker_host`` is the name or address the posts and teams reach it by (default: ``listen``).
+    """
+    wildcard = listen in {"0.0.0.0", "::"}
+    if broker_host is None:
+        if wildcard:
+            raise ConfigError(
+                f"the broker listens on {listen}: say which address the posts should connect to "
+                "with --broker-host (e.g. the server's LAN address or DNS name)"
+            )
+        broker_host = listen
     directory = directory.resolve()
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError(f"{directory} is not empty; choose a new directory for a deployment")
@@ -146,12 +166,15 @@ def create(
         broker_port=broker_port or broker.free_port(),
         http_port=http_port or broker.free_port(),
         api_token=new_secret(),
+        listen=listen,
+        broker_host=broker_host,
     )
     server_password = new_secret()
     accounts = {broker.SERVER_USER: server_password}
-    broker.write_broker_dir(dep.broker_dir, port=dep.broker_port, accounts=accounts)
+    broker.write_broker_dir(dep.broker_dir, port=dep.broker_port, accounts=accounts, host=listen)
     _write_secret(dep.server_config, _toml({
-        "mqtt": {"host": "127.0.0.1", "port": dep.broker_port, "username": broker.SERVER_USER,
+        "mqtt": {"host": "127.0.0.1" if wildcard else listen, "port": dep.broker_port,
+                 "username": broker.SERVER_USER,
                  "password": server_password},
         "database": {"path": "server.db"},
         "http": {"host": "127.0.0.1", "port": dep.http_port, "api_token": dep.api_token},
@@ -160,7 +183,8 @@ def create(
         "incidents": {"auto_resolve_s": auto_resolve_s},
     }))
     (directory / "deployment.toml").write_text(_toml({
-        "deployment": {"broker_port": dep.broker_port, "http_port": dep.http_port},
+        "deployment": {"broker_port": dep.broker_port, "http_port": dep.http_port,
+                       "listen": listen, "broker_host": broker_host},
     }))
     dep.registry.write_text("# The post registry: the server accepts messages from these only.\n")
     for spec in posts:
@@ -185,6 +209,8 @@ def add_post(
     """
     if not valid_post_id(spec.id):
         raise ConfigError(f"invalid post id {spec.id!r}: use 1-64 letters, digits, '-' or '_'")
+    if spec.id.lower().startswith(TEAM_USER_PREFIX):
+        raise ConfigError(f"post ids may not start with {TEAM_USER_PREFIX!r} (patrol team accounts)")
     passwd = dep.broker_dir / "passwd"
     existing = {line.split(":", 1)[0] for line in passwd.read_text().splitlines() if line}
     if spec.id in existing:
@@ -199,7 +225,7 @@ def add_post(
     path = dep.post_config(spec.id)
     _write_secret(path, _toml({
         "post": {"id": spec.id, "name": spec.name, "silent": False},
-        "mqtt": {"host": "127.0.0.1", "port": dep.broker_port, "password": password},
+        "mqtt": {"host": dep.broker_host, "port": dep.broker_port, "password": password},
         "hardware": {"backend": hardware_backend, "hold_ms": hold_ms},
         "timing": {"heartbeat_s": heartbeat_s, "ack_timeout_s": ack_timeout_s,
                    "resend_max_s": resend_max_s},
@@ -207,6 +233,42 @@ def add_post(
     }))
     dep.posts.append(spec)
     return path
+
+
+def add_team_account(dep: Deployment, team_id: str, name: str = "") -> Path:
+    """Give a patrol team's device a broker account ``team-{id}`` and write its config.
+
+    The ACL patterns let that account read only its own pages and write only its own answers,
+    positions and status. A running broker picks the account up on SIGHUP.
+    """
+    if not valid_team_id(team_id):
+        raise ConfigError(f"invalid team id {team_id!r}: use 1-59 letters, digits, '-' or '_'")
+    user = team_user(team_id)
+    passwd = dep.broker_dir / "passwd"
+    existing = {line.split(":", 1)[0] for line in passwd.read_text().splitlines() if line}
+    if user in existing:
+        raise ConfigError(f"team {team_id!r} already has a broker account in this deployment")
+    password = new_secret()
+    with passwd.open("a") as fh:
+        fh.write(f"{user}:{mosquitto_hash(password)}\n")
+    path = dep.team_config(team_id)
+    path.parent.mkdir(exist_ok=True)
+    _write_secret(path, _toml({
+        "team": {"id": team_id, "name": name or team_id},
+        "mqtt": {"host": dep.broker_host, "port": dep.broker_port, "password": password},
+    }))
+    return path
+
+
+def remove_team_account(dep: Deployment, team_id: str) -> bool:
+    """Revoke a team's broker account (SIGHUP the broker to drop a connected device)."""
+    user = team_user(team_id)
+    passwd = dep.broker_dir / "passwd"
+    lines = passwd.read_text().splitlines()
+    kept = [line for line in lines if line.split(":", 1)[0] != user]
+    passwd.write_text("\n".join(kept) + "\n" if kept else "")
+    dep.team_config(team_id).unlink(missing_ok=True)
+    return len(kept) < len(lines)
 
 
 def open_deployment(directory: Path) -> Deployment:
@@ -222,7 +284,9 @@ def open_deployment(directory: Path) -> Deployment:
             "create one with `alarmpost provision init DIR`"
         ) from None
     dep = Deployment(directory, int(meta["broker_port"]), int(meta["http_port"]),
-                     api_token=server_cfg["http"]["api_token"])
+                     api_token=server_cfg["http"]["api_token"],
+                     listen=str(meta.get("listen", "127.0.0.1")),
+                     broker_host=str(meta.get("broker_host", "127.0.0.1")))
     dep.posts = [PostSpec(**{k: p.get(k, "") for k in ("id", "name", "school", "address", "lat",
                                                         "lon")}) for p in registry.get("post", [])]
     return dep

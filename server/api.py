@@ -6,8 +6,13 @@ GET /api/incidents?state=open&limit=100    open, closed, or a state (server.inci
 GET /api/incidents/{id}           with its events and audit timeline
 GET /api/events?post=P001&limit=100
 GET /api/faults?open=1&limit=100
+GET /api/teams                    patrol teams with live status, position and current incident
+GET /api/teams/{id}
 GET /metrics                      Prometheus text format
 GET /healthz                      "ok" once connected to the broker
+
+The operators' console (``/console/...``, :mod:`server.console.web`) uses sessions and CSRF
+tokens instead of the bearer token: machines use the token, people log in.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from server.console.web import console_guard, is_console_path, setup_console
 from server.incidents import STATES
 
 if TYPE_CHECKING:
@@ -38,6 +44,8 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authentication, error shaping and request counting for every endpoint."""
     server = request.app[SERVER_KEY]
+    if is_console_path(request.path):
+        return await console_guard(request, handler)
     token = server.config.http.api_token.encode()
     header = request.headers.get("Authorization", "")
     given = header[7:].strip().encode() if header.startswith("Bearer ") else b""
@@ -97,9 +105,11 @@ async def incidents(request: web.Request) -> web.Response:
 
 
 async def incident(request: web.Request) -> web.Response:
-    row = request.app[SERVER_KEY].storage.incident(request.match_info["incident_id"])
+    server = request.app[SERVER_KEY]
+    row = server.storage.incident(request.match_info["incident_id"])
     if row is None:
         raise web.HTTPNotFound(reason="no such incident")
+    row["dispatch"] = server.dispatcher.incident_summary(row["id"])  # teams paged, key times
     return web.json_response(row)
 
 
@@ -135,13 +145,27 @@ def make_app(server: CentralServer) -> web.Application:
     app.router.add_get("/api/faults", faults)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    setup_console(app, server)
+    from server.patrol import add_routes as add_patrol_routes
+
+    add_patrol_routes(app)  # /api/teams, /api/teams/{id}
     return app
 
 
 async def start_http(server: CentralServer) -> web.AppRunner:
     runner = web.AppRunner(make_app(server), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, server.config.http.host, server.config.http.port)
+    console = server.config.console
+    tls = None
+    if console.tls_cert_file:
+        import ssl
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(console.tls_cert_file, console.tls_key_file or None)
+    site = web.TCPSite(runner, server.config.http.host, server.config.http.port, ssl_context=tls)
     await site.start()
-    log.info("HTTP API on http://%s:%d/", server.config.http.host, server.config.http.port)
+    scheme = "https" if tls else "http"
+    log.info("HTTP API on %s://%s:%d/, console on %s://%s:%d/console/", scheme,
+             server.config.http.host, server.config.http.port, scheme,
+             server.config.http.host, server.config.http.port)
     return runner

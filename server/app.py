@@ -28,6 +28,7 @@ from paho.mqtt.properties import Properties
 
 from protocol.messages import (
     Ack,
+    CallSignal,
     CommandResult,
     Event,
     Heartbeat,
@@ -38,10 +39,20 @@ from protocol.messages import (
     encode,
 )
 from protocol.settings import ConfigError
-from protocol.topics import post_subscription, post_topic, server_status_topic, valid_post_id
+from protocol.topics import (
+    TEAM_TOPIC_PREFIX,
+    post_subscription,
+    post_topic,
+    server_status_topic,
+    team_subscription,
+    valid_post_id,
+)
 from protocol.transport import SOCKET_OPTIONS
 from server.bus import Bus
+from server.calls import CallRelay
+from server.commands import CommandTracker
 from server.config import ServerConfig
+from server.dispatch import Dispatcher
 from server.metrics import Metrics
 from server.storage import PostInfo, SqliteStorage, Storage
 
@@ -109,7 +120,15 @@ class CentralServer:
         self._client: aiomqtt.Client | None = None
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self._setup_metrics()
+        db = getattr(self.storage, "db", None)  # commands live beside the incidents (SQLite)
+        assert db is not None, "commands need the SQLite storage"
+        console = config.console
+        self.commands = CommandTracker(db, self.bus, console.command_timeout_s,
+                                       lambda: self._client, self.storage.note)
+        self.calls = CallRelay(self.bus, console.call_timeout_s, lambda: self._client,
+                               self.storage.note)
         self.reload_registry()
+        self.dispatcher = Dispatcher(self)  # patrol teams: paging, escalation, queue
 
     # ------------------------------------------------------------------ registry / metrics
     def reload_registry(self) -> None:
@@ -167,6 +186,7 @@ class CentralServer:
         background = [
             asyncio.create_task(self._flush_loop()),
             asyncio.create_task(self._auto_resolve_loop()),
+            asyncio.create_task(self.dispatcher.run()),
         ]
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -192,6 +212,7 @@ class CentralServer:
             for live in self.live.values():
                 if live.deadline:
                     live.deadline.cancel()
+            self.commands.close()
             self._flush()
             await runner.cleanup()
             self.storage.close()
@@ -202,6 +223,7 @@ class CentralServer:
             self.reload_registry()
         except ConfigError as exc:
             log.error("registry not reloaded: %s", exc)
+        self.dispatcher.reload_teams()
 
     async def _session(self) -> None:
         m = self.config.mqtt
@@ -230,13 +252,18 @@ class CentralServer:
                 (post_subscription("event"), 1),
                 (post_subscription("status"), 1),
                 (post_subscription("cmdresult"), 1),
+                (post_subscription("callstate"), 1),
                 (post_subscription("heartbeat"), 0),
+                (team_subscription("answer"), 1),
+                (team_subscription("status"), 1),
+                (team_subscription("position"), 0),
             ])
             await client.publish(server_status_topic(),
                                  encode(ServerStatus(state="online", ts=time.time())),
                                  qos=1, retain=True)
             log.info("connected to broker %s:%d as %s", m.host, m.port, m.username)
             self.ready.set()
+            self.dispatcher.on_connected(client)
             tasks = [asyncio.create_task(self._reader(client)),
                      asyncio.create_task(self._committer(client))]
             stopper = asyncio.create_task(self._stopping.wait())
@@ -247,6 +274,7 @@ class CentralServer:
                     task.cancel()
                 await asyncio.gather(*tasks, stopper, return_exceptions=True)
                 self._client = None
+                self.dispatcher.on_connected(None)
             for task in done:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -275,6 +303,9 @@ class CentralServer:
         received = time.time()
         if not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
+        if topic.startswith(TEAM_TOPIC_PREFIX):
+            self.dispatcher.handle(topic, bytes(payload))
+            return
         try:
             where, message = decode_from_post(topic, bytes(payload))
         except Rejected as exc:
@@ -297,13 +328,17 @@ class CentralServer:
             }
             self._seen(where.post_id, live, received)
         elif isinstance(message, Status):
+            # A new MQTT session of the post (reboot, reconnect) or its loss ends its calls.
+            self.calls.post_session_changed(
+                where.post_id, message.state, message.ts if message.state == "online" else None)
             if message.state == "online":
                 self._seen(where.post_id, live, received)
             elif live.state != "offline":
                 self._went_offline(where.post_id, live, message.reason or "offline", received)
         elif isinstance(message, CommandResult):
-            log.info("post %s: command %s %s %s", where.post_id, message.cmd,
-                     "done" if message.ok else "failed", message.detail)
+            self.commands.on_result(message)
+        elif isinstance(message, CallSignal):
+            self.calls.on_signal(message)
 
     async def _committer(self, client: aiomqtt.Client) -> None:
         queue = self._queue

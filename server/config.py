@@ -55,6 +55,37 @@ class IncidentsSection:
 
 
 @dataclass
+class DispatchSection:
+    enabled: bool = True  # page patrol teams automatically when an alarm opens an incident
+    answer_timeout_s: float = 30.0  # a page unanswered this long goes to the next team
+    direct_pages: int = 3  # K: after this many unanswered direct pages, broadcast
+    broadcast_radius_km: float = 10.0  # the broadcast goes to every available team this close
+    zone_margin_km: float = 1.0  # a team whose zone holds the post wins if not this much farther
+    speed_kmh: float = 30.0  # for the ETA shown with a page (the ranking is by distance)
+    position_max_age_s: float = 120.0  # an older position counts as unknown
+    max_clock_skew_s: float = 30.0  # a position/answer stamped further in the future is refused
+    page_test_events: bool = False  # page teams for commissioning test presses too
+
+
+@dataclass
+class ConsoleSection:
+    """The operators' web console (server.console) and the video intercom."""
+
+    session_ttl_s: float = 12 * 3600.0  # a console login lasts this long
+    secure_cookies: bool = False  # force "Secure" cookies (behind a TLS proxy); automatic on HTTPS
+    tls_cert_file: str = ""  # serve HTTP over TLS (needed for a console reached by a LAN address)
+    tls_key_file: str = ""
+    login_attempts: int = 5  # failed logins allowed per address and per name...
+    login_window_s: float = 60.0  # ...within this window, then 429 until it slides
+    command_timeout_s: float = 10.0  # a command not confirmed by the post by then is timed out
+    call_timeout_s: float = 10.0  # a post that does not answer a call offer by then: failed
+    ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs for browsers; none on a LAN
+    ice_username: str = ""  # for turn: URLs
+    ice_password: str = ""
+    tile_url: str = ""  # optional map tiles, e.g. "http://tiles.local/{z}/{x}/{y}.png"
+
+
+@dataclass
 class ServerConfig:
     mqtt: MqttSection = field(default_factory=MqttSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -62,6 +93,8 @@ class ServerConfig:
     registry: RegistrySection = field(default_factory=RegistrySection)
     supervision: SupervisionSection = field(default_factory=SupervisionSection)
     incidents: IncidentsSection = field(default_factory=IncidentsSection)
+    dispatch: DispatchSection = field(default_factory=DispatchSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
     source: Path | None = None
 
     def validate(self) -> None:
@@ -73,6 +106,13 @@ class ServerConfig:
             )
         if self.database.synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
             raise ConfigError("[database] synchronous must be FULL, EXTRA or NORMAL")
+        d = self.dispatch
+        if d.answer_timeout_s <= 0 or d.direct_pages < 0 or d.broadcast_radius_km < 0 \
+                or d.zone_margin_km < 0 or d.speed_kmh <= 0 or d.position_max_age_s <= 0:
+            raise ConfigError(
+                "[dispatch] answer_timeout_s, speed_kmh and position_max_age_s must be > 0; "
+                "direct_pages, broadcast_radius_km and zone_margin_km must be >= 0"
+            )
 
 
 def load_server_config(path: Path | str | None) -> ServerConfig:

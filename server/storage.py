@@ -49,6 +49,7 @@ class Storage(Protocol):
                    classification: str | None = None,
                    at: float | None = None) -> dict[str, Any]: ...
     def audit(self, incident_id: str) -> list[dict[str, Any]]: ...
+    def note(self, incident_id: str, actor: str, action: str, detail: str = "") -> None: ...
     def posts(self) -> list[dict[str, Any]]: ...
     def post(self, post_id: str) -> dict[str, Any] | None: ...
     def incidents(self, state: str | None, limit: int) -> list[dict[str, Any]]: ...
@@ -278,6 +279,15 @@ class SqliteStorage:
         result = self.incident(incident_id)
         assert result is not None
         return result
+
+    def note(self, incident_id: str, actor: str, action: str, detail: str = "") -> None:
+        """Append an entry that does not change the state (a command, a call) to the audit log."""
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO audit (incident_id, at, actor, action, detail) "
+                "SELECT id, ?, ?, ?, ? FROM incidents WHERE id=?",
+                (time.time(), actor, action, detail[:500], incident_id),
+            )
 
     def audit(self, incident_id: str) -> list[dict[str, Any]]:
         return list(self.db.query(

@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import signal
 import stat
+import tomllib
 from pathlib import Path
 
+import pytest
+
+from protocol.settings import ConfigError
 from provisioning import deployment as d
 from provisioning.credentials import mosquitto_hash, mosquitto_verify
 from tests.helpers import ServerProcess, db_rows, run_posts, until
@@ -51,3 +55,18 @@ async def test_new_post_joins_a_running_deployment(deployment: d.Deployment, tmp
         assert db_rows(deployment, "SELECT post_id FROM events") == [("GATE-9",)]
     finally:
         assert server.stop() == 0
+
+
+def test_deployment_for_a_lan_broker(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--broker-host"):
+        d.create(tmp_path / "a", d.district_posts(1), listen="0.0.0.0")
+    dep = d.create(tmp_path / "b", d.district_posts(1), listen="0.0.0.0",
+                   broker_host="alarms.example.org")
+    conf = (dep.broker_dir / "mosquitto.conf").read_text()
+    assert f"listener {dep.broker_port} 0.0.0.0" in conf
+    post = tomllib.loads(dep.post_config("P001").read_text())
+    assert post["mqtt"]["host"] == "alarms.example.org"
+    server = tomllib.loads(dep.server_config.read_text())
+    assert server["mqtt"]["host"] == "127.0.0.1"  # beside the broker
+    again = d.open_deployment(dep.directory)
+    assert (again.listen, again.broker_host) == ("0.0.0.0", "alarms.example.org")

@@ -1,0 +1,280 @@
+"""People on the console: accounts, password hashing, sessions, CSRF, roles, login rate limit.
+
+Machines use the API token (``Authorization: Bearer``, :mod:`server.api`); people use sessions.
+
+* Passwords are hashed with argon2id (argon2-cffi defaults, RFC 9106 low-memory profile). Hashing
+  and verifying take ~0.1 s of CPU and run in a worker thread, never on the alarm path's loop.
+* A session is a random 256-bit token in an ``HttpOnly; SameSite=Strict`` cookie (``Secure`` when
+  the console is served over HTTPS). The database keeps only its SHA-256, so a copy of the
+  database cannot be replayed as a login.
+* CSRF: every state-changing request carries ``X-CSRF-Token`` equal to the session's token
+  (synchronizer pattern); the login form, which has no session yet, uses a double-submit cookie.
+  The ``Origin`` header, when present, must name this server (and always for WebSockets).
+* Roles grant permissions (:data:`ROLE_PERMISSIONS`); every console endpoint declares the one it
+  needs, and a test walks the router to prove none is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import argon2
+import sqlite_utils
+
+log = logging.getLogger("alarmpost.console.auth")
+
+ROLES: Final = ("operator", "supervisor", "technician", "admin")
+
+ROLE_PERMISSIONS: Final[dict[str, frozenset[str]]] = {
+    # handles alarms: the queue, incidents, calls, siren/reset commands
+    "operator": frozenset({"console", "incidents.view", "incidents.handle", "posts.view",
+                           "posts.command", "calls"}),
+    # an operator who also sees the audit of the console itself
+    "supervisor": frozenset({"console", "incidents.view", "incidents.handle", "posts.view",
+                             "posts.command", "calls", "audit.view"}),
+    # commissioning: posts, their commands and camera; never incidents
+    "technician": frozenset({"console", "posts.view", "posts.command"}),
+    # accounts and the audit; reads incidents, does not handle them
+    "admin": frozenset({"console", "incidents.view", "posts.view", "users.manage", "audit.view"}),
+}
+PERMISSIONS: Final = frozenset().union(*ROLE_PERMISSIONS.values())
+
+SESSION_COOKIE: Final = "alarmpost_session"
+PRELOGIN_COOKIE: Final = "alarmpost_prelogin"
+CSRF_HEADER: Final = "X-CSRF-Token"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+MIN_PASSWORD: Final = 8
+MAX_PASSWORD: Final = 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS console_users (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS console_sessions (
+    token_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES console_users(name),
+    csrf TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS console_audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    remote TEXT NOT NULL DEFAULT ''
+);
+CREATE TRIGGER IF NOT EXISTS console_audit_no_update BEFORE UPDATE ON console_audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS console_audit_no_delete BEFORE DELETE ON console_audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+class UserError(ValueError):
+    """A bad account name, role or password; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+
+    @property
+    def permissions(self) -> frozenset[str]:
+        return ROLE_PERMISSIONS.get(self.role, frozenset())
+
+    def may(self, permission: str) -> bool:
+        assert permission in PERMISSIONS, permission
+        return permission in self.permissions
+
+
+@dataclass(frozen=True)
+class Session:
+    user: User
+    csrf: str
+    expires_at: float
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Accounts:
+    """Users, sessions and the console audit log in the server's SQLite database."""
+
+    def __init__(self, db: sqlite_utils.Database, session_ttl_s: float = 12 * 3600) -> None:
+        self.db = db
+        self.session_ttl_s = session_ttl_s
+        self.hasher = argon2.PasswordHasher()
+        self._dummy_hash: str | None = None
+        db.executescript(_SCHEMA)
+
+    # ------------------------------------------------------------------ users
+    def hash_password(self, password: str) -> str:
+        """argon2id hash of an acceptable password (blocking, ~0.1 s); raise :class:`UserError`."""
+        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+            raise UserError(f"the password must have {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+        return str(self.hasher.hash(password))
+
+    def add_user(self, name: str, role: str, password: str, actor: str = "cli") -> User:
+        return self.add_user_hashed(name, role, self.hash_password(password), actor)
+
+    def add_user_hashed(self, name: str, role: str, password_hash: str,
+                        actor: str = "cli") -> User:
+        if not _NAME_RE.match(name):
+            raise UserError(
+                f"invalid user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'"
+            )
+        if role not in ROLES:
+            raise UserError(f"unknown role {role!r}; one of: {', '.join(ROLES)}")
+        if self.db.execute("SELECT 1 FROM console_users WHERE name=?", (name,)).fetchone():
+            raise UserError(f"user {name!r} already exists")
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO console_users (name, role, password_hash, created_at) VALUES (?,?,?,?)",
+                (name, role, password_hash, time.time()),
+            )
+        self.audit(actor, "user_added", name, f"role {role}")
+        return User(name, role)
+
+    def user(self, name: str) -> User | None:
+        row = self.db.execute(
+            "SELECT name, role FROM console_users WHERE name=? AND disabled=0", (name,)
+        ).fetchone()
+        return User(row[0], row[1]) if row else None
+
+    def users(self) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT name, role, created_at, disabled FROM console_users ORDER BY name"
+        ))
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM console_users").fetchone()[0])
+
+    # ------------------------------------------------------------------ sessions
+    def create_session(self, user: User, now: float | None = None) -> tuple[str, Session]:
+        now = time.time() if now is None else now
+        token = secrets.token_urlsafe(32)
+        session = Session(user, secrets.token_urlsafe(32), now + self.session_ttl_s)
+        with self.db.atomic():
+            self.db.execute("DELETE FROM console_sessions WHERE expires_at < ?", (now,))
+            self.db.execute(
+                "INSERT INTO console_sessions (token_hash, user, csrf, created_at, expires_at) "
+                "VALUES (?,?,?,?,?)",
+                (_digest(token), user.name, session.csrf, now, session.expires_at),
+            )
+        return token, session
+
+    def session(self, token: str, now: float | None = None) -> Session | None:
+        if not token or len(token) > 128:
+            return None
+        now = time.time() if now is None else now
+        row = self.db.execute(
+            "SELECT u.name, u.role, s.csrf, s.expires_at FROM console_sessions s "
+            "JOIN console_users u ON u.name = s.user WHERE s.token_hash=? AND u.disabled=0",
+            (_digest(token),),
+        ).fetchone()
+        if row is None or row[3] < now:
+            return None
+        return Session(User(row[0], row[1]), row[2], row[3])
+
+    def end_session(self, token: str) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM console_sessions WHERE token_hash=?", (_digest(token),))
+
+    # ------------------------------------------------------------------ audit
+    def audit(self, actor: str, action: str, target: str = "", detail: str = "",
+              remote: str = "") -> None:
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO console_audit (at, actor, action, target, detail, remote) "
+                "VALUES (?,?,?,?,?,?)",
+                (time.time(), actor, action, target[:200], detail[:500], remote[:100]),
+            )
+
+    def audit_log(self, limit: int) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT at, actor, action, target, detail, remote FROM console_audit "
+            "ORDER BY id DESC LIMIT ?", (limit,),
+        ))
+
+    async def verify_async(self, name: str, password: str) -> User | None:
+        """The user if the password is right; the hash check runs in a worker thread. An
+        unknown name costs the same as a wrong password (no user enumeration by timing)."""
+        # sqlite3 connections refuse other threads: read the hash here, verify in a thread.
+        row = self.db.execute(
+            "SELECT name, role, password_hash FROM console_users WHERE name=? AND disabled=0",
+            (name,),
+        ).fetchone() if _NAME_RE.match(name) else None
+        if self._dummy_hash is None:
+            self._dummy_hash = await asyncio.to_thread(self.hasher.hash, secrets.token_hex(16))
+        stored = row[2] if row else self._dummy_hash
+
+        def check() -> bool:
+            try:
+                return bool(self.hasher.verify(stored, password))
+            except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+                return False
+
+        ok = await asyncio.to_thread(check)
+        return User(row[0], row[1]) if (ok and row) else None
+
+
+class LoginLimiter:
+    """At most ``attempts`` failed logins per ``window_s``, per remote address and per name.
+
+    A success does not clear the address's count (a guesser who also owns one account must not
+    reset the counter with it); it clears the name's."""
+
+    def __init__(self, attempts: int = 5, window_s: float = 60.0) -> None:
+        self.attempts = attempts
+        self.window_s = window_s
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> collections.deque[float]:
+        q = self._failures.setdefault(key, collections.deque())
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        return q
+
+    def retry_after(self, remote: str, name: str, now: float | None = None) -> float:
+        """Seconds until another attempt is allowed (0: now)."""
+        now = time.monotonic() if now is None else now
+        wait = 0.0
+        for key in (f"ip:{remote}", f"user:{name.lower()}"):
+            q = self._recent(key, now)
+            if len(q) >= self.attempts:
+                wait = max(wait, q[0] + self.window_s - now)
+        return wait
+
+    def failed(self, remote: str, name: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for key in (f"ip:{remote}", f"user:{name.lower()}"):
+            self._recent(key, now).append(now)
+        if len(self._failures) > 10_000:  # bounded memory under a spray of names
+            for key in [k for k, q in self._failures.items() if not q]:
+                del self._failures[key]
+
+    def succeeded(self, name: str) -> None:
+        self._failures.pop(f"user:{name.lower()}", None)
+
+
+def same_token(given: str, expected: str) -> bool:
+    return bool(given) and hmac.compare_digest(given.encode(), expected.encode())

@@ -1,0 +1,694 @@
+"""The console's HTTP routes and its WebSocket, mounted under ``/console`` on the server's app.
+
+Every route declares the permission it needs (``@needs(...)``, or ``@needs(PUBLIC)`` for the
+login page and form); :func:`console_guard` refuses a route that declares none. Static files
+(``/console/static/``) are public: they hold no data.
+
+::
+
+    GET  /console/login                       login page (public)
+    POST /console/api/login                   {name, password} + prelogin CSRF (public)
+    GET  /console/                            the console (any role)
+    GET  /console/api/me                      who am I, my permissions, CSRF token, ICE servers
+    POST /console/api/logout
+    GET  /console/ws?csrf=...                 live notices; call signaling (see server.calls)
+    GET  /console/api/incidents[?state=open]  incidents.view
+    GET  /console/api/incidents/{id}          incidents.view
+    POST /console/api/incidents/{id}/acknowledge       incidents.handle
+    POST /console/api/incidents/{id}/resolve  {classification, note}   incidents.handle
+    POST /console/api/incidents/{id}/page     {team_id}   incidents.handle (server.dispatch)
+    GET  /console/api/teams                   incidents.view (patrol teams, for the map)
+    GET  /console/api/posts                   posts.view (with open faults)
+    GET  /console/api/commands[?post=]        posts.view
+    POST /console/api/posts/{id}/command      {cmd, incident_id?}   posts.command
+    GET  /console/api/users, POST /console/api/users   users.manage
+    GET  /console/api/audit                   audit.view
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+from aiohttp import WSMsgType, web
+
+from protocol.topics import valid_post_id
+from server.calls import CallError
+from server.console.auth import (
+    CSRF_HEADER,
+    PRELOGIN_COOKIE,
+    ROLES,
+    SESSION_COOKIE,
+    Accounts,
+    LoginLimiter,
+    Session,
+    UserError,
+    same_token,
+)
+from server.incidents import CLASSIFICATIONS, STATES, InvalidTransition
+
+if TYPE_CHECKING:
+    from server.app import CentralServer
+
+log = logging.getLogger("alarmpost.console")
+
+PREFIX: Final = "/console"
+PUBLIC: Final = "public"
+STATIC_DIR: Final = Path(__file__).parent / "static"
+MAX_WS_MESSAGE: Final = 64 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+
+
+class ConsoleState:
+    def __init__(self, server: CentralServer) -> None:
+        self.server = server
+        cfg = server.config.console
+        db = getattr(server.storage, "db", None)
+        assert db is not None, "the console needs the SQLite storage"
+        self.accounts = Accounts(db, cfg.session_ttl_s)
+        self.limiter = LoginLimiter(cfg.login_attempts, cfg.login_window_s)
+        self.sockets: set[web.WebSocketResponse] = set()
+
+
+CONSOLE_KEY: web.AppKey[ConsoleState] = web.AppKey("console")
+SESSION_KEY: web.RequestKey[Session] = web.RequestKey("alarmpost.session", Session)
+
+
+def needs(permission: str) -> Callable[[H], H]:
+    def mark(handler: H) -> H:
+        handler.permission = permission  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def is_console_path(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _secure_cookie(request: web.Request) -> bool:
+    return request.secure or request.app[CONSOLE_KEY].server.config.console.secure_cookies
+
+
+def _same_origin(request: web.Request, required: bool) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return not required
+    return urlsplit(origin).netloc == request.host
+
+
+def route_permission(request: web.Request) -> str | None:
+    route = request.match_info.route
+    if isinstance(route.resource, web.StaticResource):
+        return PUBLIC
+    return getattr(route.handler, "permission", None)
+
+
+def _refuse(server: CentralServer, request: web.Request, status: int, reason: str,
+            message: str, **headers: str) -> web.Response:
+    server.metrics.inc("console_refused_total", reason=reason)
+    server.metrics.inc("http_requests_total", status=str(status))
+    log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, reason)
+    return _error(status, message, **headers)
+
+
+async def console_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Sessions, roles and CSRF for every ``/console`` route (called by the API's middleware)."""
+    state = request.app[CONSOLE_KEY]
+    server = state.server
+    if request.match_info.http_exception is not None:
+        exc = request.match_info.http_exception
+        server.metrics.inc("http_requests_total", status=str(exc.status))
+        return _error(exc.status, exc.reason)
+    permission = route_permission(request)
+    if permission is None:  # fail closed: a route that forgot to declare is nobody's
+        log.error("console route %s declares no permission; refused", request.path)
+        return _refuse(server, request, 403, "undeclared", "this endpoint is not available")
+    changes_state = request.method not in ("GET", "HEAD", "OPTIONS")
+    if permission != PUBLIC:
+        session = state.accounts.session(request.cookies.get(SESSION_COOKIE, ""))
+        if session is None:
+            if request.method == "GET" and request.path in (PREFIX, PREFIX + "/"):
+                raise web.HTTPFound(f"{PREFIX}/login")
+            return _refuse(server, request, 401, "no_session", "log in first")
+        if not session.user.may(permission):
+            return _refuse(server, request, 403, "role",
+                           f"your role ({session.user.role}) may not do this")
+        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+        if changes_state or websocket:
+            # Browsers always send Origin on WebSockets and cross-origin POSTs.
+            if not _same_origin(request, required=websocket):
+                return _refuse(server, request, 403, "origin", "cross-origin request refused")
+            given = (request.query.get("csrf", "") if websocket
+                     else request.headers.get(CSRF_HEADER, ""))
+            if not same_token(given, session.csrf):
+                return _refuse(server, request, 403, "csrf", "missing or wrong CSRF token")
+        request[SESSION_KEY] = session
+    elif changes_state and not _same_origin(request, required=False):
+        return _refuse(server, request, 403, "origin", "cross-origin request refused")
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        server.metrics.inc("http_requests_total", status=str(exc.status))
+        return _error(exc.status, exc.reason)
+    except Exception:
+        server.metrics.inc("http_requests_total", status="500")
+        log.exception("error serving %s %s", request.method, request.path)
+        return _error(500, "internal error; see the server log")
+    server.metrics.inc("http_requests_total", status=str(response.status))
+    if not response.prepared:
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
+
+
+def _session(request: web.Request) -> Session:
+    session: Session = request[SESSION_KEY]
+    return session
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(reason="the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(reason="the body must be a JSON object")
+    return body
+
+
+def _str_field(body: dict[str, Any], key: str, max_len: int = 200, required: bool = True) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str) or len(value) > max_len or (required and not value):
+        raise web.HTTPBadRequest(reason=f"{key!r} must be a string of 1-{max_len} characters")
+    return value
+
+
+def _page(name: str, csrf: str, request: web.Request) -> web.Response:
+    html = (STATIC_DIR / name).read_text().replace("{{csrf}}", csrf)
+    tiles = request.app[CONSOLE_KEY].server.config.console.tile_url
+    img_src = "'self' data:"
+    if tiles:
+        parts = urlsplit(tiles)
+        img_src += f" {parts.scheme}://{parts.netloc}"
+    return web.Response(text=html, content_type="text/html", headers={
+        "Content-Security-Policy": (
+            f"default-src 'self'; img-src {img_src}; connect-src 'self'; "
+            "media-src 'self' blob:; style-src 'self'; script-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        ),
+    })
+
+
+# ---------------------------------------------------------------------------- login / me
+@needs(PUBLIC)
+async def login_page(request: web.Request) -> web.StreamResponse:
+    import secrets
+
+    token = secrets.token_urlsafe(32)
+    response = _page("login.html", token, request)
+    response.set_cookie(PRELOGIN_COOKIE, token, path=PREFIX, httponly=True, samesite="Strict",
+                        secure=_secure_cookie(request), max_age=3600)
+    return response
+
+
+@needs(PUBLIC)
+async def login(request: web.Request) -> web.Response:
+    state = request.app[CONSOLE_KEY]
+    server = state.server
+    prelogin = request.cookies.get(PRELOGIN_COOKIE, "")
+    if not prelogin or not same_token(request.headers.get(CSRF_HEADER, ""), prelogin):
+        return _refuse(server, request, 403, "csrf",
+                       "missing or wrong CSRF token: reload the login page")
+    body = await _json_body(request)
+    name = _str_field(body, "name", 64)
+    password = _str_field(body, "password", 1024)
+    remote = request.remote or "?"
+    wait = state.limiter.retry_after(remote, name)
+    if wait > 0:
+        server.metrics.inc("console_logins_total", result="rate_limited")
+        log.warning("login of %r from %s rate-limited (%.0f s)", name, remote, wait)
+        return _error(429, f"too many failed logins; try again in {int(wait) + 1} s",
+                      **{"Retry-After": str(int(wait) + 1)})
+    user = await state.accounts.verify_async(name, password)
+    if user is None:
+        state.limiter.failed(remote, name)
+        server.metrics.inc("console_logins_total", result="failed")
+        state.accounts.audit(name, "login_failed", remote=remote)
+        log.warning("failed login for %r from %s", name, remote)
+        return _error(401, "wrong name or password")
+    state.limiter.succeeded(name)
+    token, session = state.accounts.create_session(user)
+    server.metrics.inc("console_logins_total", result="ok")
+    state.accounts.audit(user.name, "login", remote=remote)
+    log.info("%s (%s) logged in from %s", user.name, user.role, remote)
+    response = web.json_response({"name": user.name, "role": user.role, "csrf": session.csrf})
+    response.set_cookie(SESSION_COOKIE, token, path=PREFIX, httponly=True, samesite="Strict",
+                        secure=_secure_cookie(request),
+                        max_age=int(state.accounts.session_ttl_s))
+    response.del_cookie(PRELOGIN_COOKIE, path=PREFIX)
+    return response
+
+
+@needs("console")
+async def logout(request: web.Request) -> web.Response:
+    state = request.app[CONSOLE_KEY]
+    state.accounts.end_session(request.cookies.get(SESSION_COOKIE, ""))
+    state.accounts.audit(_session(request).user.name, "logout", remote=request.remote or "")
+    response = web.json_response({"ok": True})
+    response.del_cookie(SESSION_COOKIE, path=PREFIX)
+    return response
+
+
+@needs(PUBLIC)
+async def console_root(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound(f"{PREFIX}/")
+
+
+@needs("console")
+async def app_page(request: web.Request) -> web.StreamResponse:
+    return _page("console.html", _session(request).csrf, request)
+
+
+@needs("console")
+async def me(request: web.Request) -> web.Response:
+    session = _session(request)
+    cfg = request.app[CONSOLE_KEY].server.config.console
+    ice: list[dict[str, Any]] = []
+    for url in cfg.ice_servers:
+        entry: dict[str, Any] = {"urls": url}
+        if url.startswith("turn") and cfg.ice_username:
+            entry.update(username=cfg.ice_username, credential=cfg.ice_password)
+        ice.append(entry)
+    return web.json_response({
+        "name": session.user.name, "role": session.user.role,
+        "permissions": sorted(session.user.permissions), "csrf": session.csrf,
+        "ice_servers": ice, "tile_url": cfg.tile_url, "classifications": list(CLASSIFICATIONS),
+    })
+
+
+# ---------------------------------------------------------------------------- incidents
+def incident_summary(server: CentralServer, incident_id: str) -> dict[str, Any] | None:
+    rows = list(server.storage.db.query(  # type: ignore[attr-defined]
+        "SELECT i.id, i.post_id, i.state, i.opened_at, i.last_event_at, i.closed_at, "
+        "i.event_count, i.acknowledged_by, i.acknowledged_at, i.classification, i.note, "
+        "p.name AS post_name, p.school, p.address, p.lat, p.lon "
+        "FROM incidents i LEFT JOIN posts p ON p.id = i.post_id WHERE i.id=?", (incident_id,)))
+    if not rows:
+        return None
+    row: dict[str, Any] = rows[0]
+    row["call_owner"] = server.calls.owner(row["post_id"])
+    return row
+
+
+@needs("incidents.view")
+async def incidents(request: web.Request) -> web.Response:
+    server = request.app[CONSOLE_KEY].server
+    state = request.query.get("state", "open")
+    if state not in ("open", "closed", "all", *STATES):
+        raise web.HTTPBadRequest(reason="state must be open, closed, all or an incident state")
+    rows = server.storage.incidents(None if state == "all" else state, 200)
+    return web.json_response([incident_summary(server, r["id"]) for r in rows])
+
+
+@needs("incidents.view")
+async def incident(request: web.Request) -> web.Response:
+    server = request.app[CONSOLE_KEY].server
+    incident_id = request.match_info["incident_id"]
+    row = server.storage.incident(incident_id)
+    if row is None:
+        raise web.HTTPNotFound(reason="no such incident")
+    summary = incident_summary(server, incident_id) or {}
+    row.update({k: summary[k] for k in ("post_name", "school", "address", "call_owner")})
+    row["commands"] = [c for c in server.commands.recent(row["post_id"], 50)
+                       if c["incident_id"] == incident_id]
+    row["dispatch"] = server.dispatcher.incident_summary(incident_id)
+    return web.json_response(row)
+
+
+def _transition(request: web.Request, incident_id: str, to: str, *, note: str = "",
+                classification: str | None = None) -> web.Response:
+    server = request.app[CONSOLE_KEY].server
+    actor = _session(request).user.name
+    try:
+        row = server.transition(incident_id, to, actor, reason=note, classification=classification)
+    except LookupError:
+        raise web.HTTPNotFound(reason="no such incident") from None
+    except InvalidTransition as exc:
+        server.metrics.inc("console_refused_total", reason="transition")
+        raise web.HTTPConflict(reason=str(exc)) from None
+    return web.json_response(incident_summary(server, incident_id) or row)
+
+
+@needs("incidents.handle")
+async def acknowledge(request: web.Request) -> web.Response:
+    return _transition(request, request.match_info["incident_id"], "acknowledged")
+
+
+@needs("incidents.handle")
+async def resolve(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    classification = _str_field(body, "classification", 40)
+    if classification not in CLASSIFICATIONS:
+        raise web.HTTPBadRequest(reason=f"classification must be one of {', '.join(CLASSIFICATIONS)}")
+    note = _str_field(body, "note", 500, required=False)
+    return _transition(request, request.match_info["incident_id"], "resolved", note=note,
+                       classification=classification)
+
+
+@needs("incidents.handle")
+async def page_team(request: web.Request) -> web.Response:
+    from server.dispatch import DispatchError
+
+    server = request.app[CONSOLE_KEY].server
+    incident_id = request.match_info["incident_id"]
+    if server.storage.incident(incident_id) is None:
+        raise web.HTTPNotFound(reason="no such incident")
+    body = await _json_body(request)
+    team_id = _str_field(body, "team_id", 64)
+    try:
+        page_id = server.dispatcher.page_team(incident_id, team_id, _session(request).user.name,
+                                              "paged from the console")
+    except (DispatchError, LookupError) as exc:
+        server.metrics.inc("console_refused_total", reason="dispatch")
+        raise web.HTTPConflict(reason=str(exc)[:200]) from None
+    return web.json_response({"page_id": page_id,
+                              "dispatch": server.dispatcher.incident_summary(incident_id)})
+
+
+@needs("incidents.view")
+async def teams(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CONSOLE_KEY].server.dispatcher.team_views())
+
+
+# ---------------------------------------------------------------------------- posts
+@needs("posts.view")
+async def posts(request: web.Request) -> web.Response:
+    from server.api import _live
+
+    server = request.app[CONSOLE_KEY].server
+    faults: dict[str, list[dict[str, Any]]] = {}
+    for fault in server.storage.faults(True, 1000):
+        faults.setdefault(fault["post_id"], []).append(fault)
+    rows = []
+    for row in server.storage.posts():
+        row = _live(server, row)
+        row["faults"] = faults.get(row["id"], [])
+        row["call_owner"] = server.calls.owner(row["id"])
+        rows.append(row)
+    return web.json_response(rows)
+
+
+@needs("posts.view")
+async def commands(request: web.Request) -> web.Response:
+    server = request.app[CONSOLE_KEY].server
+    post_id = request.query.get("post")
+    return web.json_response(server.commands.recent(post_id, 100))
+
+
+@needs("posts.command")
+async def command(request: web.Request) -> web.Response:
+    state = request.app[CONSOLE_KEY]
+    server = state.server
+    post_id = request.match_info["post_id"]
+    if not valid_post_id(post_id) or post_id not in server.live:
+        raise web.HTTPNotFound(reason="no such post")
+    body = await _json_body(request)
+    cmd = _str_field(body, "cmd", 20)
+    incident_id = body.get("incident_id")
+    if incident_id is not None:
+        if not isinstance(incident_id, str) or server.storage.incident(incident_id) is None:
+            raise web.HTTPBadRequest(reason="incident_id names no incident")
+    actor = _session(request).user.name
+    try:
+        record = await server.commands.send(post_id, cmd, actor, incident_id)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(reason=str(exc)) from None
+    state.accounts.audit(actor, f"command_{cmd}", post_id, f"command {record['id']}",
+                         request.remote or "")
+    return web.json_response(record, status=202)
+
+
+# ---------------------------------------------------------------------------- admin
+@needs("users.manage")
+async def users(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CONSOLE_KEY].accounts.users())
+
+
+@needs("users.manage")
+async def add_user(request: web.Request) -> web.Response:
+    state = request.app[CONSOLE_KEY]
+    body = await _json_body(request)
+    name = _str_field(body, "name", 64)
+    role = _str_field(body, "role", 20)
+    password = _str_field(body, "password", 1024)
+    if role not in ROLES:
+        raise web.HTTPBadRequest(reason=f"role must be one of {', '.join(ROLES)}")
+    actor = _session(request).user.name
+    try:
+        password_hash = await asyncio.to_thread(state.accounts.hash_password, password)
+        state.accounts.add_user_hashed(name, role, password_hash, actor)
+    except UserError as exc:
+        raise web.HTTPBadRequest(reason=str(exc)) from None
+    return web.json_response({"name": name, "role": role}, status=201)
+
+
+@needs("audit.view")
+async def audit(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CONSOLE_KEY].accounts.audit_log(500))
+
+
+# ---------------------------------------------------------------------------- WebSocket
+def _visible(notice: dict[str, Any], session: Session) -> bool:
+    kind = notice.get("type", "")
+    if kind in ("incident_opened", "incident_updated", "event_joined", "dispatch_queued",
+                "team_status"):
+        return session.user.may("incidents.view")
+    if kind in ("post_state", "command_updated"):
+        return session.user.may("posts.view")
+    if kind == "call_updated":
+        return session.user.may("incidents.view") or session.user.may("calls")
+    return bool(kind == "overflow")
+
+
+class ConsoleSocket:
+    """One browser's WebSocket: bus notices out, call signaling in."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, session: Session) -> None:
+        self.request = request
+        self.ws = ws
+        self.session = session
+        self.state = request.app[CONSOLE_KEY]
+        self.server = self.state.server
+        self.calls: set[str] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if not self.ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_json(message)
+
+    def _enrich(self, notice: dict[str, Any]) -> dict[str, Any]:
+        if "incident_id" in notice and notice["type"] != "call_updated":
+            notice = {**notice, "incident": incident_summary(self.server, notice["incident_id"])}
+        return notice
+
+    async def pump(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        while True:
+            notice = await queue.get()
+            if _visible(notice, self.session):
+                await self.send(self._enrich(notice))
+
+    def reject(self, reason: str, detail: str) -> None:
+        self.server.metrics.inc("console_ws_rejected_total", reason=reason)
+        log.warning("console ws of %s: rejected %s: %s", self.session.user.name, reason, detail[:200])
+
+    async def on_message(self, raw: str) -> None:
+        try:
+            message = json.loads(raw)
+        except json.JSONDecodeError:
+            self.reject("malformed", raw[:80])
+            await self.send({"type": "error", "error": "messages must be JSON objects"})
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            self.reject("malformed", raw[:80])
+            await self.send({"type": "error", "error": "messages must be JSON objects with a type"})
+            return
+        kind = message["type"]
+        if kind == "ping":
+            await self.send({"type": "pong"})
+        elif kind in ("call.start", "call.hangup"):
+            if not self.session.user.may("calls"):
+                self.reject("role", kind)
+                await self.send({"type": "error", "error": "your role may not make calls"})
+                return
+            if kind == "call.start":
+                task = asyncio.create_task(self.start_call(message))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            else:
+                await self.hangup_call(message)
+        else:
+            self.reject("unknown_type", kind)
+            await self.send({"type": "error", "error": f"unknown message type {kind[:40]!r}"})
+
+    async def start_call(self, message: dict[str, Any]) -> None:
+        post_id, sdp = message.get("post_id"), message.get("sdp")
+        incident_id = message.get("incident_id")
+        if not isinstance(post_id, str) or post_id not in self.server.live:
+            self.reject("bad_call", "unknown post")
+            await self.send({"type": "call.error", "post_id": post_id, "reason": "invalid",
+                             "error": "unknown post"})
+            return
+        if not isinstance(sdp, str) or not 0 < len(sdp) <= 30000 or "v=0" not in sdp[:10]:
+            self.reject("bad_call", "bad sdp")
+            await self.send({"type": "call.error", "post_id": post_id, "reason": "invalid",
+                             "error": "the offer must be an SDP of at most 30000 characters"})
+            return
+        mode = message.get("mode", "call")
+        if mode not in ("call", "view"):
+            self.reject("bad_call", "bad mode")
+            await self.send({"type": "call.error", "post_id": post_id, "reason": "invalid",
+                             "error": "mode must be call or view"})
+            return
+        if incident_id is not None and not isinstance(incident_id, str):
+            incident_id = None
+        if self.server.live[post_id].state == "offline":
+            await self.send({"type": "call.error", "post_id": post_id, "mode": mode,
+                             "reason": "offline", "error": f"post {post_id} is offline"})
+            return
+        user = self.session.user.name
+        self.state.accounts.audit(user, "camera_view" if mode == "view" else "call_start",
+                                  post_id, incident_id or "", self.request.remote or "")
+        try:
+            call_id, answer = await self.server.calls.start(
+                post_id, user, sdp, incident_id=incident_id, on_end=self._call_ended, mode=mode)
+        except CallError as exc:
+            await self.send({"type": "call.error", "post_id": post_id, "mode": mode,
+                             "reason": exc.reason, "error": str(exc), "taken_by": exc.taken_by})
+            return
+        if self.ws.closed:  # the browser left while the post was answering
+            await self.server.calls.hangup(call_id, "console closed", by=user)
+            return
+        self.calls.add(call_id)
+        await self.send({"type": "call.answer", "post_id": post_id, "call_id": call_id,
+                         "mode": mode, "sdp": answer})
+
+    def _call_ended(self, call_id: str, reason: str) -> None:
+        if call_id in self.calls:
+            self.calls.discard(call_id)
+            task = asyncio.ensure_future(self.send({"type": "call.ended", "call_id": call_id,
+                                                     "reason": reason}))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def hangup_call(self, message: dict[str, Any]) -> None:
+        call_id = message.get("call_id")
+        if not isinstance(call_id, str) or call_id not in self.calls:
+            self.reject("bad_call", "hangup of a call that is not this console's")
+            await self.send({"type": "error", "error": "no such call on this console"})
+            return
+        self.calls.discard(call_id)
+        await self.server.calls.hangup(call_id, "operator hung up", by=self.session.user.name)
+        await self.send({"type": "call.ended", "call_id": call_id, "reason": "hung up"})
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for call_id in list(self.calls):
+            await self.server.calls.hangup(call_id, "console closed", by=self.session.user.name)
+        self.calls.clear()
+
+
+@needs("console")
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[CONSOLE_KEY]
+    server = state.server
+    session = _session(request)
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_WS_MESSAGE)
+    await ws.prepare(request)
+    sock = ConsoleSocket(request, ws, session)
+    queue = server.bus.subscribe()
+    state.sockets.add(ws)
+    pump = asyncio.create_task(sock.pump(queue))
+    server.metrics.inc("console_ws_connections_total")
+    try:
+        await sock.send({"type": "hello", "user": session.user.name, "role": session.user.role,
+                         "calls": server.calls.active(), "at": time.time()})
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await sock.on_message(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                sock.reject("binary", "")
+                await sock.send({"type": "error", "error": "text messages only"})
+            elif msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        server.bus.unsubscribe(queue)
+        state.sockets.discard(ws)
+        await sock.close()
+    return ws
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for ws in list(app[CONSOLE_KEY].sockets):
+        await ws.close(code=1001, message=b"server stopping")
+
+
+def setup_console(app: web.Application, server: CentralServer) -> ConsoleState:
+    """Mount the console on the server's app (its middleware calls :func:`console_guard`)."""
+    state = ConsoleState(server)
+    app[CONSOLE_KEY] = state
+    m = server.metrics
+    m.counter("console_refused_total", "Console requests refused, by reason")
+    m.counter("console_logins_total", "Console logins, by result")
+    m.counter("console_ws_connections_total", "Console WebSockets opened")
+    m.counter("console_ws_rejected_total", "Console WebSocket messages rejected, by reason")
+    r = app.router
+    r.add_get(PREFIX, console_root)
+    r.add_get(f"{PREFIX}/", app_page)
+    r.add_get(f"{PREFIX}/login", login_page)
+    r.add_post(f"{PREFIX}/api/login", login)
+    r.add_post(f"{PREFIX}/api/logout", logout)
+    r.add_get(f"{PREFIX}/api/me", me)
+    r.add_get(f"{PREFIX}/ws", websocket)
+    r.add_get(f"{PREFIX}/api/incidents", incidents)
+    r.add_get(f"{PREFIX}/api/incidents/{{incident_id}}", incident)
+    r.add_post(f"{PREFIX}/api/incidents/{{incident_id}}/acknowledge", acknowledge)
+    r.add_post(f"{PREFIX}/api/incidents/{{incident_id}}/resolve", resolve)
+    r.add_post(f"{PREFIX}/api/incidents/{{incident_id}}/page", page_team)
+    r.add_get(f"{PREFIX}/api/teams", teams)
+    r.add_get(f"{PREFIX}/api/posts", posts)
+    r.add_get(f"{PREFIX}/api/commands", commands)
+    r.add_post(f"{PREFIX}/api/posts/{{post_id}}/command", command)
+    r.add_get(f"{PREFIX}/api/users", users)
+    r.add_post(f"{PREFIX}/api/users", add_user)
+    r.add_get(f"{PREFIX}/api/audit", audit)
+    r.add_static(f"{PREFIX}/static", STATIC_DIR)
+    app.on_shutdown.append(_close_sockets)
+    if state.accounts.count() == 0:
+        source = server.config.source or "server.toml"
+        log.warning(
+            "no console users yet: create one with `alarmpost server user add --config %s NAME "
+            "--role admin` (roles: %s)", source, ", ".join(ROLES))
+    return state
