@@ -4,6 +4,8 @@ Teams are stored in the server's database; a running server notices the change w
 When ``server.toml`` sits in a deployment directory (``alarmpost provision init``), ``add`` also
 creates the team's broker account ``team-{id}`` and its device config ``teams/{id}.toml``, and
 ``remove`` revokes them (send SIGHUP to the broker so it re-reads its password file).
+``password`` (or ``add --app-password-stdin``) sets the team's login for the patrol web app at
+``/patrol`` (:mod:`server.patrol_web`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from protocol.settings import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("patrol", help="patrol teams: add, list, remove",
+    p = sub.add_parser("patrol", help="patrol teams: add, list, remove, app password",
                        description="Manage the patrol teams the dispatcher pages.")
     psub = p.add_subparsers(dest="patrol_what", required=True, metavar="WHAT")
     t = psub.add_parser("team", help="the team registry")
@@ -37,6 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="on duty between these local times (default: always)")
     q.add_argument("--no-credentials", action="store_true",
                    help="do not create a broker account even in a deployment directory")
+    q.add_argument("--app-password-stdin", action="store_true",
+                   help="also set the team's password for the patrol web app (/patrol), read "
+                        "from the first line of stdin")
+    q = tsub.add_parser("password", help="set or change a team's patrol web app password",
+                        description="Set the password a team logs in with at /patrol (its "
+                                    "phones are logged out). Asks twice unless --password-stdin.")
+    q.add_argument("--config", required=True, type=Path, help="server TOML file")
+    q.add_argument("--id", required=True, help="team id")
+    q.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of stdin")
     q = tsub.add_parser("list", help="list the teams")
     q.add_argument("--config", required=True, type=Path, help="server TOML file")
     q.add_argument("--json", action="store_true", help="one JSON array")
@@ -44,6 +56,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     q.add_argument("--config", required=True, type=Path, help="server TOML file")
     q.add_argument("--id", required=True)
     p.set_defaults(func=run)
+
+
+def _app_password(team_id: str, from_stdin: bool) -> str:
+    import getpass
+
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass(f"patrol app password for team {team_id}: ")
+    if getpass.getpass("again: ") != first:
+        raise ConfigError("the two passwords differ; nothing was changed")
+    return first
+
+
+def _set_app_password(db: Any, config: Any, team_id: str, password: str) -> None:
+    from server import patrol
+    from server.console.auth import UserError
+    from server.patrol_web import set_app_password
+
+    try:
+        set_app_password(db, team_id, password)
+    except (patrol.TeamError, UserError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"team {team_id} can log in to the patrol app: "
+          f"http://{config.http.host}:{config.http.port}/patrol/")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +106,17 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{t['id']:<12} {t['name']:<24} shift {t['shift'] or 'always':<12} "
                           f"zone {zone}  contacts {', '.join(t['contacts']) or '-'}")
             return 0
+        if args.team_action == "password":
+            _set_app_password(db, config, args.id, _app_password(args.id, args.password_stdin))
+            return 0
         if args.team_action == "add":
+            app_password = _app_password(args.id, True) if args.app_password_stdin else None
+            if app_password is not None:
+                from server.console.auth import MAX_PASSWORD, MIN_PASSWORD
+
+                if not MIN_PASSWORD <= len(app_password) <= MAX_PASSWORD:
+                    raise ConfigError(f"the app password must have {MIN_PASSWORD} to "
+                                      f"{MAX_PASSWORD} characters; no team was added")
             try:
                 team = patrol.make_team(
                     args.id, args.name, args.contact,
@@ -82,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
             except patrol.TeamError as exc:
                 raise ConfigError(str(exc)) from None
             print(f"team {team.id} added ({team.name})")
+            if app_password is not None:
+                _set_app_password(db, config, team.id, app_password)
             if in_deployment and not args.no_credentials:
                 dep = d.open_deployment(deployment_dir)
                 path = d.add_team_account(dep, team.id, team.name)

@@ -12,7 +12,8 @@ GET /metrics                      Prometheus text format
 GET /healthz                      "ok" once connected to the broker
 
 The operators' console (``/console/...``, :mod:`server.console.web`) uses sessions and CSRF
-tokens instead of the bearer token: machines use the token, people log in.
+tokens instead of the bearer token: machines use the token, people log in. So does the patrol
+teams' phone app (``/patrol/...``, :mod:`server.patrol_web`), with one login per team.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from aiohttp import web
 
 from server.console.web import console_guard, is_console_path, setup_console
 from server.incidents import STATES
+from server.patrol_web import is_patrol_path, patrol_guard, setup_patrol_app
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -46,6 +48,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     server = request.app[SERVER_KEY]
     if is_console_path(request.path):
         return await console_guard(request, handler)
+    if is_patrol_path(request.path):  # the patrol teams' app: team sessions (server.patrol_web)
+        return await patrol_guard(request, handler)
     token = server.config.http.api_token.encode()
     header = request.headers.get("Authorization", "")
     given = header[7:].strip().encode() if header.startswith("Bearer ") else b""
@@ -146,6 +150,7 @@ def make_app(server: CentralServer) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     setup_console(app, server)
+    setup_patrol_app(app, server)  # /patrol: the patrol teams' phone app
     from server.patrol import add_routes as add_patrol_routes
 
     add_patrol_routes(app)  # /api/teams, /api/teams/{id}
@@ -165,7 +170,8 @@ async def start_http(server: CentralServer) -> web.AppRunner:
     site = web.TCPSite(runner, server.config.http.host, server.config.http.port, ssl_context=tls)
     await site.start()
     scheme = "https" if tls else "http"
-    log.info("HTTP API on %s://%s:%d/, console on %s://%s:%d/console/", scheme,
-             server.config.http.host, server.config.http.port, scheme,
-             server.config.http.host, server.config.http.port)
+    log.info("HTTP API on %s://%s:%d/, console on %s://%s:%d/console/, patrol app on "
+             "%s://%s:%d/patrol/", scheme, server.config.http.host, server.config.http.port,
+             scheme, server.config.http.host, server.config.http.port,
+             scheme, server.config.http.host, server.config.http.port)
     return runner

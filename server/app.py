@@ -365,7 +365,7 @@ class CentralServer:
                                  res.incident_id, event.post, event.id)
                     self.bus.publish("incident_opened" if res.new_incident else "event_joined",
                                      incident_id=res.incident_id, post_id=event.post,
-                                     event_id=event.id, pressed_at=event.ts)
+                                     event_id=event.id, pressed_at=event.ts, test=res.test)
             task = asyncio.create_task(self._send_acks(client, batch, results))
             self._ack_tasks.add(task)
             task.add_done_callback(self._ack_tasks.discard)
@@ -402,6 +402,25 @@ class CentralServer:
                          action=to, actor=actor)
         log.info("incident %s: %s by %s -> %s", incident_id, to, actor, incident["state"])
         return incident
+
+    def set_test_mode(self, post_id: str, on: bool, actor: str, reason: str) -> dict[str, object]:
+        """Put a post in test mode (its presses are committed and ACKed as ever, but open incidents
+        classified ``test`` that ring no console and page no team) or take it out. Taking it out
+        resolves the post's open test incidents, so a real press afterwards opens a real one.
+        Raises ``LookupError`` for an unknown post."""
+        if post_id not in self.live:
+            raise LookupError(f"no post {post_id!r}")
+        row = self.storage.set_test_mode(post_id, on, actor, reason)
+        log.warning("post %s %s test mode by %s: %s", post_id, "in" if on else "out of",
+                    actor, reason or "-")
+        self.bus.publish("post_test_mode", post_id=post_id, test_mode=on, actor=actor,
+                         reason=reason)
+        if not on:
+            for incident in self.storage.incidents("open", 1000):
+                if incident["post_id"] == post_id and incident["classification"] == "test":
+                    self.transition(incident["id"], "resolved", actor, classification="test",
+                                    reason="test mode ended")
+        return row
 
     # ------------------------------------------------------------------ supervision
     def _seen(self, post_id: str, live: LivePost, now: float) -> None:

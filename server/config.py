@@ -86,6 +86,17 @@ class ConsoleSection:
 
 
 @dataclass
+class PatrolAppSection:
+    """The patrol teams' mobile web app at /patrol (server.patrol_web); logins are rate-limited
+    and cookies made Secure by the [console] settings."""
+
+    session_ttl_s: float = 24 * 3600.0  # a team's login on its phone lasts this long
+    # Optional "open in a map" link besides the geo: URI, e.g. a map server on the LAN:
+    # "http://maps.local/?mlat={lat}&mlon={lon}#map=17/{lat}/{lon}" ({lat} {lon} {name} filled in)
+    map_url: str = ""
+
+
+@dataclass
 class ServerConfig:
     mqtt: MqttSection = field(default_factory=MqttSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -95,6 +106,7 @@ class ServerConfig:
     incidents: IncidentsSection = field(default_factory=IncidentsSection)
     dispatch: DispatchSection = field(default_factory=DispatchSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+    patrol_app: PatrolAppSection = field(default_factory=PatrolAppSection)
     source: Path | None = None
 
     def validate(self) -> None:

@@ -503,11 +503,13 @@ class Dispatcher:
         if not self.config.enabled or incident_id in self.jobs:
             return
         row = self.db.execute(
-            "SELECT e.type, i.opened_at FROM incidents i JOIN events e ON e.id = i.first_event_id "
-            "WHERE i.id=?", (incident_id,)).fetchone()
+            "SELECT e.type, i.opened_at, i.classification FROM incidents i "
+            "JOIN events e ON e.id = i.first_event_id WHERE i.id=?", (incident_id,)).fetchone()
         if row is None:
             return
         if row[0] == "test" and not self.config.page_test_events:
+            return
+        if row[2] == "test":  # opened while its post was in test mode: never paged
             return
         now = time.time()
         with self.db.atomic():
@@ -664,8 +666,12 @@ class Dispatcher:
                     await notifier.page(team, message)
                     ok = True
                 except Exception as exc:
-                    log.warning("page %s to team %s via %s not sent: %s", row.id, row.team_id,
-                                notifier.name, exc)
+                    # An optional channel (the patrol web app with no phone connected) is quiet.
+                    quiet = getattr(notifier, "optional", False) and isinstance(
+                        exc, NotifierUnavailable)
+                    log.log(logging.DEBUG if quiet else logging.WARNING,
+                            "page %s to team %s via %s not sent: %s", row.id, row.team_id,
+                            notifier.name, exc)
             if ok and row.published_at is None:
                 row.published_at = time.time()
                 self.db.execute("UPDATE pages SET published_at=? WHERE id=?",
@@ -781,36 +787,33 @@ class Dispatcher:
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
-            team_id, message = decode_from_team(topic, payload)
+            self.receive(topic, payload)
         except Rejected as exc:
             self.server.reject(exc.reason, topic, exc.detail)
-            return
+
+    def receive(self, topic: str, payload: bytes) -> None:
+        """Decode, check and apply one team message (MQTT, or the patrol web app, which builds
+        the same payload); raise :class:`Rejected` with the reason if refused."""
+        team_id, message = decode_from_team(topic, payload)
         if team_id not in self.teams and time.monotonic() - self._last_reload > 1.0:
             self.reload_teams()  # added a moment ago by `alarmpost patrol team add`?
         if team_id not in self.teams:
-            self.server.reject("unknown_team", topic, f"team {team_id!r} is not registered")
-            return
+            raise Rejected("unknown_team", f"team {team_id!r} is not registered")
         now = time.time()
         if message.ts > now + self.config.max_clock_skew_s:
-            self.server.reject("future_timestamp", topic, f"ts {message.ts:.0f} is ahead of now")
-            return
+            raise Rejected("future_timestamp", f"ts {message.ts:.0f} is ahead of now")
         self.server.metrics.inc("team_messages_total", kind=topic.rsplit("/", 1)[1])
         if isinstance(message, TeamPosition):
-            self._position(team_id, message, topic, now)
+            self._position(team_id, message, now)
         elif isinstance(message, TeamStatus):
             self._status(team_id, message)
         elif isinstance(message, PageAnswer):
-            try:
-                self.answer(team_id, message)
-            except Rejected as exc:
-                self.server.reject(exc.reason, topic, exc.detail)
+            self.answer(team_id, message)
 
-    def _position(self, team_id: str, message: TeamPosition, topic: str, now: float) -> None:
+    def _position(self, team_id: str, message: TeamPosition, now: float) -> None:
         if message.ts < now - self.config.position_max_age_s:
-            self.server.reject("stale_position", topic,
-                               f"position is {now - message.ts:.0f} s old "
-                               f"(max {self.config.position_max_age_s:g} s)")
-            return
+            raise Rejected("stale_position", f"position is {now - message.ts:.0f} s old "
+                           f"(max {self.config.position_max_age_s:g} s)")
         live = self.live[team_id]
         if live.position_at is not None and message.ts < live.position_at:
             return  # an older position arriving late

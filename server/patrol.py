@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS team_live (
     lon REAL,
     position_at REAL
 );
+CREATE TABLE IF NOT EXISTS team_app_passwords (  -- the patrol web app's login (server.patrol_web)
+    team_id TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 _SHIFT_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
@@ -204,6 +209,7 @@ def remove_team(db: sqlite_utils.Database, team_id: str) -> bool:
     with db.atomic():
         gone = db.execute("DELETE FROM teams WHERE id=?", (team_id,)).rowcount
         db.execute("DELETE FROM team_live WHERE team_id=?", (team_id,))
+        db.execute("DELETE FROM team_app_passwords WHERE team_id=?", (team_id,))
     return bool(gone)
 
 

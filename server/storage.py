@@ -36,6 +36,7 @@ class Committed:
     incident_id: str
     duplicate: bool
     new_incident: bool
+    test: bool = False  # opened while its post was in test mode (classified ``test``)
 
 
 class Storage(Protocol):
@@ -43,6 +44,9 @@ class Storage(Protocol):
     def commit_events(self, batch: Sequence[tuple[Event, float]]) -> list[Committed]: ...
     def post_states(self) -> dict[str, tuple[str, float | None]]: ...
     def set_post_state(self, post_id: str, state: str, at: float, reason: str) -> None: ...
+    def set_test_mode(self, post_id: str, on: bool, actor: str, reason: str,
+                      at: float | None = None) -> dict[str, Any]: ...
+    def in_test_mode(self, post_id: str) -> bool: ...
     def save_live(self, rows: Sequence[tuple[str, float, str]]) -> None: ...
     def resolve_idle_incidents(self, idle_s: float, now: float) -> list[str]: ...
     def transition(self, incident_id: str, to: str, actor: str, *, reason: str = "",
@@ -71,7 +75,11 @@ CREATE TABLE IF NOT EXISTS posts (
     state TEXT NOT NULL DEFAULT 'unknown',
     state_since REAL,
     last_seen REAL,
-    health TEXT
+    health TEXT,
+    test_mode INTEGER NOT NULL DEFAULT 0,  -- presses open incidents classified `test`, unpaged
+    test_mode_since REAL,
+    test_mode_by TEXT,
+    test_mode_reason TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS incidents (
     id TEXT PRIMARY KEY,
@@ -128,6 +136,26 @@ CREATE TABLE IF NOT EXISTS faults (
 CREATE INDEX IF NOT EXISTS faults_open ON faults(post_id) WHERE ended_at IS NULL;
 """
 
+# Columns added after the first release: (table, column, definition). Databases created before
+# get them by ALTER TABLE at start-up (SQLite cannot add a column "IF NOT EXISTS").
+_ADDED_COLUMNS = (
+    ("posts", "test_mode", "INTEGER NOT NULL DEFAULT 0"),
+    ("posts", "test_mode_since", "REAL"),
+    ("posts", "test_mode_by", "TEXT"),
+    ("posts", "test_mode_reason", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Add the columns an older database lacks; return ``table.column`` of those added."""
+    added = []
+    for table, column, definition in _ADDED_COLUMNS:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            added.append(f"{table}.{column}")
+    return added
+
 
 class SqliteStorage:
     """SQLite in WAL mode. Writes come from one event loop; reads may share the connection."""
@@ -138,6 +166,11 @@ class SqliteStorage:
         self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        migrate(self.db)
+        # Posts in test mode: the alarm path's only look-up (when an incident opens).
+        self._test_posts: set[str] = {
+            row["id"] for row in self.db.query("SELECT id FROM posts WHERE test_mode=1")
+        }
         self._open_incident: dict[str, str] = {
             row["post_id"]: row["id"]
             for row in self.db.query(
@@ -173,17 +206,22 @@ class SqliteStorage:
                     continue
                 incident_id = opened.get(event.post) or self._open_incident.get(event.post)
                 new = incident_id is None
+                test = False
                 if incident_id is None:
                     incident_id = new_ulid(now)
+                    test = event.post in self._test_posts
                     conn.execute(
                         "INSERT INTO incidents (id, post_id, state, opened_at, last_event_at, "
-                        "event_count, first_event_id) VALUES (?, ?, 'new', ?, ?, 1, ?)",
-                        (incident_id, event.post, now, event.ts, event.id),
+                        "event_count, first_event_id, classification) "
+                        "VALUES (?, ?, 'new', ?, ?, 1, ?, ?)",
+                        (incident_id, event.post, now, event.ts, event.id,
+                         "test" if test else None),
                     )
                     conn.execute(
                         "INSERT INTO audit (incident_id, at, actor, action, to_state, detail) "
                         "VALUES (?, ?, ?, 'opened', 'new', ?)",
-                        (incident_id, now, f"post:{event.post}", f"{event.type} event {event.id}"),
+                        (incident_id, now, f"post:{event.post}",
+                         f"{event.type} event {event.id}" + (" (post in test mode)" if test else "")),
                     )
                     opened[event.post] = incident_id
                 else:
@@ -198,7 +236,7 @@ class SqliteStorage:
                     (event.id, event.post, event.seq, event.type, event.ts, event.hold_ms,
                      received_at, time.time(), incident_id),
                 )
-                results.append(Committed(event.id, incident_id, False, new))
+                results.append(Committed(event.id, incident_id, False, new, test))
         self._open_incident.update(opened)
         return results
 
@@ -224,6 +262,30 @@ class SqliteStorage:
                     "UPDATE faults SET ended_at=? WHERE post_id=? AND ended_at IS NULL",
                     (at, post_id),
                 )
+
+    def set_test_mode(self, post_id: str, on: bool, actor: str, reason: str,
+                      at: float | None = None) -> dict[str, Any]:
+        """Put a post in test mode or take it out (who, when, why are kept on the post); return
+        the post. Raises ``LookupError`` for an unknown post."""
+        at = time.time() if at is None else at
+        with self.db.atomic():
+            changed = self.db.execute(
+                "UPDATE posts SET test_mode=?, test_mode_since=?, test_mode_by=?, "
+                "test_mode_reason=? WHERE id=?",
+                (int(on), at, actor, reason[:500], post_id),
+            ).rowcount
+        if not changed:
+            raise LookupError(f"no post {post_id!r}")
+        if on:
+            self._test_posts.add(post_id)
+        else:
+            self._test_posts.discard(post_id)
+        row = self.post(post_id)
+        assert row is not None
+        return row
+
+    def in_test_mode(self, post_id: str) -> bool:
+        return post_id in self._test_posts
 
     def save_live(self, rows: Sequence[tuple[str, float, str]]) -> None:
         """Persist (post_id, last_seen, health JSON) in one transaction."""

@@ -60,7 +60,8 @@ async def test_anonymous_and_wrong_role_are_refused_everywhere(
 ) -> None:
     incident_id = _incident(server)
     add_users(server, *((f"u-{role}", role) for role in ROLES))
-    routes = [(m, p.replace("{incident_id}", incident_id).replace("{post_id}", "P001"), perm)
+    routes = [(m, p.replace("{incident_id}", incident_id).replace("{post_id}", "P001")
+               .replace("{page_id}", "nope").replace("{name}", "u-operator"), perm)
               for m, p, perm in _console_routes(server) if perm != PUBLIC]
     async with Console(deployment) as anon:
         for method, path, _ in routes:

@@ -145,3 +145,57 @@ async def test_closing_the_browser_ends_the_call(make_deployment: Any, browser: 
         await alice.context.close()  # the tab goes away without hanging up
         await until(lambda: not intercom.engine.camera_open, 5, "camera released")
         await until(lambda: server.calls.calls == {}, 5, "call ended on the server")
+
+
+async def test_test_mode_accounts_and_dispatch_overrides_in_chromium(
+    make_deployment: Any, browser: Any
+) -> None:
+    dep = make_deployment(2)
+    specs = [TeamSpec("A", 1.0)]
+    add_teams(dep, specs, answer_timeout_s=30.0)
+    async with run_server(dep) as server, run_teams(dep, server, specs) as teams, \
+            run_posts(dep, "P001", "P002") as posts:
+        add_users(server, ("tina", "technician"), ("otto", "operator"), ("ada", "admin"))
+        # A technician puts P001 in test mode from the posts view.
+        tina = await login(browser, dep, "tina")
+        assert await tina.is_visible("#view-posts") and not await tina.is_visible("#tab-users")
+        await tina.fill("#test-reason", "commissioning")
+        await tina.click("#post-P001 button.testmode")
+        await tina.wait_for_selector("#post-P001.test .badge-test")
+        assert server.storage.in_test_mode("P001")
+
+        # Its press shows as TEST in the operator's queue and does not ring.
+        otto = await login(browser, dep, "otto")
+        await posts["P001"].press()
+        test_id = (await until(lambda: server.storage.incidents("open", 5), 5, "test incident"))[0]["id"]
+        await otto.wait_for_selector(f"#inc-{test_id}.test .badge-test")
+        assert not await otto.is_visible("#ring")
+        assert await otto.evaluate(f"window.__console.ringedAt[{test_id!r}]") is None
+
+        # A real press on P002 rings; the operator cancels team A's page, then re-dispatches.
+        await posts["P002"].press()
+        ring = await otto.wait_for_selector("#ring:not(.hidden)", timeout=3000)
+        real_id = await ring.get_attribute("data-incident")
+        assert real_id != test_id
+        page = await teams["A"].wait_page(5)
+        await otto.click(f"#inc-{real_id}")
+        await otto.click(f"#page-{page.id} button.cancel-page")
+        await otto.wait_for_selector(f"#page-{page.id}.cancelled")
+        await otto.click("#btn-redispatch")
+        second = await teams["A"].wait_page(5, count=2)
+        await otto.wait_for_selector(f"#page-{second.id}.waiting")
+        await otto.wait_for_selector("#timeline li:has-text('redispatch')")
+
+        # An admin creates an account and disables it from the Accounts view.
+        ada = await login(browser, dep, "ada")
+        await ada.click("#tab-users")
+        await ada.fill("#new-name", "nina")
+        await ada.select_option("#new-role", "supervisor")
+        await ada.fill("#new-password", PASSWORD)
+        await ada.click("#btn-add-user")
+        await ada.wait_for_selector("#user-nina")
+        assert await ada.eval_on_selector("#user-nina select.role", "s => s.value") == "supervisor"
+        await ada.click("#user-nina button.toggle")
+        await ada.wait_for_selector("#user-nina.disabled")
+        await ada.wait_for_selector("#audit li:has-text('user_disabled')")
+        assert server.storage.incident(test_id)["classification"] == "test"

@@ -41,10 +41,11 @@ ROLE_PERMISSIONS: Final[dict[str, frozenset[str]]] = {
     # an operator who also sees the audit of the console itself
     "supervisor": frozenset({"console", "incidents.view", "incidents.handle", "posts.view",
                              "posts.command", "calls", "audit.view"}),
-    # commissioning: posts, their commands and camera; never incidents
-    "technician": frozenset({"console", "posts.view", "posts.command"}),
-    # accounts and the audit; reads incidents, does not handle them
-    "admin": frozenset({"console", "incidents.view", "posts.view", "users.manage", "audit.view"}),
+    # commissioning: posts, their commands, camera and test mode; never incidents
+    "technician": frozenset({"console", "posts.view", "posts.command", "posts.test_mode"}),
+    # accounts and the audit; reads incidents, does not handle them; may set test mode
+    "admin": frozenset({"console", "incidents.view", "posts.view", "posts.test_mode",
+                        "users.manage", "audit.view"}),
 }
 PERMISSIONS: Final = frozenset().union(*ROLE_PERMISSIONS.values())
 
@@ -116,22 +117,50 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+token_digest = _digest  # what a sessions table stores instead of the token (patrol app too)
+
+_HASHER: Final = argon2.PasswordHasher()
+_dummy_hash: str | None = None
+
+
+def hash_password(password: str) -> str:
+    """argon2id hash of an acceptable password (blocking, ~0.1 s); raise :class:`UserError`.
+    Console accounts and patrol teams' app logins (``server.patrol_web``) both use it."""
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise UserError(f"the password must have {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    return str(_HASHER.hash(password))
+
+
+async def verify_password(stored: str | None, password: str) -> bool:
+    """Check ``password`` against an argon2 hash in a worker thread. ``stored=None`` (no such
+    account) costs the same as a wrong password (no enumeration by timing) and is False."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = await asyncio.to_thread(_HASHER.hash, secrets.token_hex(16))
+    target = stored if stored is not None else _dummy_hash
+
+    def check() -> bool:
+        try:
+            return bool(_HASHER.verify(target, password))
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return False
+
+    return await asyncio.to_thread(check) and stored is not None
+
+
 class Accounts:
     """Users, sessions and the console audit log in the server's SQLite database."""
 
     def __init__(self, db: sqlite_utils.Database, session_ttl_s: float = 12 * 3600) -> None:
         self.db = db
         self.session_ttl_s = session_ttl_s
-        self.hasher = argon2.PasswordHasher()
-        self._dummy_hash: str | None = None
+        self.hasher = _HASHER
         db.executescript(_SCHEMA)
 
     # ------------------------------------------------------------------ users
     def hash_password(self, password: str) -> str:
         """argon2id hash of an acceptable password (blocking, ~0.1 s); raise :class:`UserError`."""
-        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-            raise UserError(f"the password must have {MIN_PASSWORD} to {MAX_PASSWORD} characters")
-        return str(self.hasher.hash(password))
+        return hash_password(password)
 
     def add_user(self, name: str, role: str, password: str, actor: str = "cli") -> User:
         return self.add_user_hashed(name, role, self.hash_password(password), actor)
@@ -167,6 +196,58 @@ class Accounts:
 
     def count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM console_users").fetchone()[0])
+
+    def _account(self, name: str) -> tuple[str, bool]:
+        row = self.db.execute("SELECT role, disabled FROM console_users WHERE name=?",
+                              (name,)).fetchone()
+        if row is None:
+            raise LookupError(f"no user {name!r}")
+        return row[0], bool(row[1])
+
+    def _keeps_an_admin(self, name: str) -> None:
+        """Refuse a change that would leave no enabled admin (nobody could manage accounts)."""
+        others = self.db.execute(
+            "SELECT count(*) FROM console_users WHERE role='admin' AND disabled=0 AND name!=?",
+            (name,)).fetchone()[0]
+        if not others:
+            raise UserError(f"{name} is the last enabled admin: make another admin first")
+
+    def set_role(self, name: str, role: str, actor: str, remote: str = "") -> None:
+        """Change a user's role; it applies to their open sessions at once."""
+        if role not in ROLES:
+            raise UserError(f"unknown role {role!r}; one of: {', '.join(ROLES)}")
+        old, disabled = self._account(name)
+        if old == role:
+            return
+        if old == "admin" and not disabled:
+            self._keeps_an_admin(name)
+        with self.db.atomic():
+            self.db.execute("UPDATE console_users SET role=? WHERE name=?", (role, name))
+        self.audit(actor, "user_role", name, f"{old} -> {role}", remote)
+
+    def set_disabled(self, name: str, disabled: bool, actor: str, remote: str = "") -> None:
+        """Disable (ends every session: it can no longer log in) or enable a user."""
+        role, was = self._account(name)
+        if was == disabled:
+            return
+        if disabled and role == "admin":
+            self._keeps_an_admin(name)
+        with self.db.atomic():
+            self.db.execute("UPDATE console_users SET disabled=? WHERE name=?",
+                            (int(disabled), name))
+            if disabled:
+                self.db.execute("DELETE FROM console_sessions WHERE user=?", (name,))
+        self.audit(actor, "user_disabled" if disabled else "user_enabled", name, "", remote)
+
+    def set_password_hashed(self, name: str, password_hash: str, actor: str,
+                            remote: str = "") -> None:
+        """Reset a password (hash it with :func:`hash_password`); ends the user's sessions."""
+        self._account(name)
+        with self.db.atomic():
+            self.db.execute("UPDATE console_users SET password_hash=? WHERE name=?",
+                            (password_hash, name))
+            self.db.execute("DELETE FROM console_sessions WHERE user=?", (name,))
+        self.audit(actor, "user_password_reset", name, "", remote)
 
     # ------------------------------------------------------------------ sessions
     def create_session(self, user: User, now: float | None = None) -> tuple[str, Session]:
@@ -223,17 +304,7 @@ class Accounts:
             "SELECT name, role, password_hash FROM console_users WHERE name=? AND disabled=0",
             (name,),
         ).fetchone() if _NAME_RE.match(name) else None
-        if self._dummy_hash is None:
-            self._dummy_hash = await asyncio.to_thread(self.hasher.hash, secrets.token_hex(16))
-        stored = row[2] if row else self._dummy_hash
-
-        def check() -> bool:
-            try:
-                return bool(self.hasher.verify(stored, password))
-            except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-                return False
-
-        ok = await asyncio.to_thread(check)
+        ok = await verify_password(row[2] if row else None, password)
         return User(row[0], row[1]) if (ok and row) else None
 
 

@@ -17,11 +17,17 @@ login page and form); :func:`console_guard` refuses a route that declares none. 
     POST /console/api/incidents/{id}/acknowledge       incidents.handle
     POST /console/api/incidents/{id}/resolve  {classification, note}   incidents.handle
     POST /console/api/incidents/{id}/page     {team_id}   incidents.handle (server.dispatch)
+    POST /console/api/incidents/{id}/pages/{page_id}/cancel  {reason?}   incidents.handle
+    POST /console/api/incidents/{id}/redispatch              {reason?}   incidents.handle
     GET  /console/api/teams                   incidents.view (patrol teams, for the map)
     GET  /console/api/posts                   posts.view (with open faults)
     GET  /console/api/commands[?post=]        posts.view
     POST /console/api/posts/{id}/command      {cmd, incident_id?}   posts.command
-    GET  /console/api/users, POST /console/api/users   users.manage
+    POST /console/api/posts/{id}/test_mode    {on, reason}   posts.test_mode (technician, admin)
+    GET  /console/api/users, POST /console/api/users {name, role, password}   users.manage
+    POST /console/api/users/{name}/role       {role}       users.manage
+    POST /console/api/users/{name}/disabled   {disabled}   users.manage
+    POST /console/api/users/{name}/password   {password}   users.manage
     GET  /console/api/audit                   audit.view
 """
 
@@ -77,6 +83,14 @@ class ConsoleState:
         self.accounts = Accounts(db, cfg.session_ttl_s)
         self.limiter = LoginLimiter(cfg.login_attempts, cfg.login_window_s)
         self.sockets: set[web.WebSocketResponse] = set()
+        self.socket_users: dict[web.WebSocketResponse, str] = {}
+
+    async def close_sockets_of(self, name: str) -> None:
+        """Close a user's live WebSockets (disabled, new role, new password): the browser
+        reconnects with whatever its session now allows, or is refused."""
+        for ws, user in list(self.socket_users.items()):
+            if user == name:
+                await ws.close(code=4001, message=b"account changed")
 
 
 CONSOLE_KEY: web.AppKey[ConsoleState] = web.AppKey("console")
@@ -301,6 +315,7 @@ async def me(request: web.Request) -> web.Response:
         "name": session.user.name, "role": session.user.role,
         "permissions": sorted(session.user.permissions), "csrf": session.csrf,
         "ice_servers": ice, "tile_url": cfg.tile_url, "classifications": list(CLASSIFICATIONS),
+        "roles": list(ROLES),
     })
 
 
@@ -393,6 +408,49 @@ async def page_team(request: web.Request) -> web.Response:
                               "dispatch": server.dispatcher.incident_summary(incident_id)})
 
 
+async def _reason(request: web.Request) -> str:
+    body = await _json_body(request) if request.can_read_body else {}
+    return _str_field(body, "reason", 200, required=False)
+
+
+@needs("incidents.handle")
+async def cancel_page(request: web.Request) -> web.Response:
+    """Stop paging one team (the dispatcher goes on to the next); audited on the incident."""
+    from server.dispatch import DispatchError
+
+    server = request.app[CONSOLE_KEY].server
+    incident_id, page_id = request.match_info["incident_id"], request.match_info["page_id"]
+    summary = server.dispatcher.incident_summary(incident_id)
+    if summary is None or not any(p["id"] == page_id for p in summary["pages"]):
+        raise web.HTTPNotFound(reason="no such page on this incident")
+    reason = await _reason(request)
+    try:
+        server.dispatcher.cancel_page(page_id, _session(request).user.name, reason)
+    except DispatchError as exc:
+        server.metrics.inc("console_refused_total", reason="dispatch")
+        raise web.HTTPConflict(reason=str(exc)[:200]) from None
+    return web.json_response({"dispatch": server.dispatcher.incident_summary(incident_id)})
+
+
+@needs("incidents.handle")
+async def redispatch(request: web.Request) -> web.Response:
+    """Start dispatch over, leaving out the team that has or was paged for it."""
+    from server.dispatch import DispatchError
+
+    server = request.app[CONSOLE_KEY].server
+    incident_id = request.match_info["incident_id"]
+    if server.storage.incident(incident_id) is None:
+        raise web.HTTPNotFound(reason="no such incident")
+    reason = await _reason(request)
+    try:
+        server.dispatcher.redispatch(incident_id, _session(request).user.name,
+                                     reason or "re-dispatched from the console")
+    except DispatchError as exc:
+        server.metrics.inc("console_refused_total", reason="dispatch")
+        raise web.HTTPConflict(reason=str(exc)[:200]) from None
+    return web.json_response({"dispatch": server.dispatcher.incident_summary(incident_id)})
+
+
 @needs("incidents.view")
 async def teams(request: web.Request) -> web.Response:
     return web.json_response(request.app[CONSOLE_KEY].server.dispatcher.team_views())
@@ -446,6 +504,26 @@ async def command(request: web.Request) -> web.Response:
     return web.json_response(record, status=202)
 
 
+@needs("posts.test_mode")
+async def test_mode(request: web.Request) -> web.Response:
+    """Technicians and admins: put a post in test mode (``on``: true, with a reason) or out."""
+    state = request.app[CONSOLE_KEY]
+    server = state.server
+    post_id = request.match_info["post_id"]
+    if not valid_post_id(post_id) or post_id not in server.live:
+        raise web.HTTPNotFound(reason="no such post")
+    body = await _json_body(request)
+    on = body.get("on")
+    if not isinstance(on, bool):
+        raise web.HTTPBadRequest(reason="'on' must be true or false")
+    reason = _str_field(body, "reason", 200, required=on)
+    actor = _session(request).user.name
+    row = server.set_test_mode(post_id, on, actor, reason)
+    state.accounts.audit(actor, "test_mode_on" if on else "test_mode_off", post_id, reason,
+                         request.remote or "")
+    return web.json_response(row)
+
+
 # ---------------------------------------------------------------------------- admin
 @needs("users.manage")
 async def users(request: web.Request) -> web.Response:
@@ -470,6 +548,59 @@ async def add_user(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "role": role}, status=201)
 
 
+def _user_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    if request.app[CONSOLE_KEY].accounts.db.execute(
+            "SELECT 1 FROM console_users WHERE name=?", (name,)).fetchone() is None:
+        raise web.HTTPNotFound(reason="no such user")
+    return name
+
+
+@needs("users.manage")
+async def set_role(request: web.Request) -> web.Response:
+    state = request.app[CONSOLE_KEY]
+    name = _user_name(request)
+    role = _str_field(await _json_body(request), "role", 20)
+    try:
+        state.accounts.set_role(name, role, _session(request).user.name, request.remote or "")
+    except UserError as exc:
+        raise web.HTTPBadRequest(reason=str(exc)) from None
+    await state.close_sockets_of(name)
+    return web.json_response({"name": name, "role": role})
+
+
+@needs("users.manage")
+async def set_disabled(request: web.Request) -> web.Response:
+    state = request.app[CONSOLE_KEY]
+    name = _user_name(request)
+    disabled = (await _json_body(request)).get("disabled")
+    if not isinstance(disabled, bool):
+        raise web.HTTPBadRequest(reason="'disabled' must be true or false")
+    try:
+        state.accounts.set_disabled(name, disabled, _session(request).user.name,
+                                    request.remote or "")
+    except UserError as exc:
+        raise web.HTTPBadRequest(reason=str(exc)) from None
+    if disabled:
+        await state.close_sockets_of(name)
+    return web.json_response({"name": name, "disabled": disabled})
+
+
+@needs("users.manage")
+async def reset_password(request: web.Request) -> web.Response:
+    state = request.app[CONSOLE_KEY]
+    name = _user_name(request)
+    password = _str_field(await _json_body(request), "password", 1024)
+    try:
+        password_hash = await asyncio.to_thread(state.accounts.hash_password, password)
+    except UserError as exc:
+        raise web.HTTPBadRequest(reason=str(exc)) from None
+    state.accounts.set_password_hashed(name, password_hash, _session(request).user.name,
+                                       request.remote or "")
+    await state.close_sockets_of(name)
+    return web.json_response({"name": name, "password_reset": True})
+
+
 @needs("audit.view")
 async def audit(request: web.Request) -> web.Response:
     return web.json_response(request.app[CONSOLE_KEY].accounts.audit_log(500))
@@ -481,7 +612,7 @@ def _visible(notice: dict[str, Any], session: Session) -> bool:
     if kind in ("incident_opened", "incident_updated", "event_joined", "dispatch_queued",
                 "team_status"):
         return session.user.may("incidents.view")
-    if kind in ("post_state", "command_updated"):
+    if kind in ("post_state", "command_updated", "post_test_mode"):
         return session.user.may("posts.view")
     if kind == "call_updated":
         return session.user.may("incidents.view") or session.user.may("calls")
@@ -628,6 +759,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     sock = ConsoleSocket(request, ws, session)
     queue = server.bus.subscribe()
     state.sockets.add(ws)
+    state.socket_users[ws] = session.user.name
     pump = asyncio.create_task(sock.pump(queue))
     server.metrics.inc("console_ws_connections_total")
     try:
@@ -646,6 +778,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         await asyncio.gather(pump, return_exceptions=True)
         server.bus.unsubscribe(queue)
         state.sockets.discard(ws)
+        state.socket_users.pop(ws, None)
         await sock.close()
     return ws
 
@@ -677,12 +810,18 @@ def setup_console(app: web.Application, server: CentralServer) -> ConsoleState:
     r.add_post(f"{PREFIX}/api/incidents/{{incident_id}}/acknowledge", acknowledge)
     r.add_post(f"{PREFIX}/api/incidents/{{incident_id}}/resolve", resolve)
     r.add_post(f"{PREFIX}/api/incidents/{{incident_id}}/page", page_team)
+    r.add_post(f"{PREFIX}/api/incidents/{{incident_id}}/pages/{{page_id}}/cancel", cancel_page)
+    r.add_post(f"{PREFIX}/api/incidents/{{incident_id}}/redispatch", redispatch)
     r.add_get(f"{PREFIX}/api/teams", teams)
     r.add_get(f"{PREFIX}/api/posts", posts)
     r.add_get(f"{PREFIX}/api/commands", commands)
     r.add_post(f"{PREFIX}/api/posts/{{post_id}}/command", command)
+    r.add_post(f"{PREFIX}/api/posts/{{post_id}}/test_mode", test_mode)
     r.add_get(f"{PREFIX}/api/users", users)
     r.add_post(f"{PREFIX}/api/users", add_user)
+    r.add_post(f"{PREFIX}/api/users/{{name}}/role", set_role)
+    r.add_post(f"{PREFIX}/api/users/{{name}}/disabled", set_disabled)
+    r.add_post(f"{PREFIX}/api/users/{{name}}/password", reset_password)
     r.add_get(f"{PREFIX}/api/audit", audit)
     r.add_static(f"{PREFIX}/static", STATIC_DIR)
     app.on_shutdown.append(_close_sockets)

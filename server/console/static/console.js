@@ -91,8 +91,12 @@ function stopRinging(id) { state.ringing.delete(id); updateRing(); }
 // An open incident rings until an operator acknowledges it or takes its call (the dispatcher
 // may page a team at once: its state is then "paged", and it must still ring), or until this
 // operator opens it.
+// An incident opened while its post was in test mode is classified "test" from the start: it is
+// shown as TEST and never rings.
 const isOpen = (i) => i.state !== "resolved" && i.state !== "cancelled";
-const wantsRing = (i) => isOpen(i) && !i.acknowledged_by && !i.call_owner && !state.seen.has(i.id);
+const isTest = (i) => i.classification === "test";
+const wantsRing = (i) => isOpen(i) && !isTest(i) && !i.acknowledged_by && !i.call_owner && !state.seen.has(i.id);
+const TEST_BADGE = '<span class="badge-test">TEST</span> ';
 
 // ------------------------------------------------------------------ queue
 function renderQueue() {
@@ -103,10 +107,11 @@ function renderQueue() {
   body.innerHTML = open.map((i) => {
     const call = state.calls.get(i.post_id);
     const holder = call ? call.user : (i.acknowledged_by || "");
-    return `<tr id="inc-${esc(i.id)}" data-id="${esc(i.id)}" class="${i.acknowledged_by ? "" : "new"}` +
+    const cls = isTest(i) ? "test" : (i.acknowledged_by ? "" : "new");
+    return `<tr id="inc-${esc(i.id)}" data-id="${esc(i.id)}" class="${cls}` +
       `${state.selected === i.id ? " selected" : ""}">` +
       `<td>${fmtTime(i.opened_at)}</td><td>${esc(i.post_id)}</td><td>${esc(i.school)}</td>` +
-      `<td class="state">${esc(i.state)}</td><td>${esc(i.event_count)}</td>` +
+      `<td class="state">${isTest(i) ? TEST_BADGE : ""}${esc(i.state)}</td><td>${esc(i.event_count)}</td>` +
       `<td class="holder">${holder ? "taken by " + esc(holder) : ""}</td></tr>`;
   }).join("");
   $("queue-empty").classList.toggle("hidden", open.length > 0);
@@ -140,7 +145,8 @@ async function showIncident(id) {
   if (state.selected !== id) return;
   $("incident").classList.remove("hidden");
   $("incident").dataset.id = id;
-  $("inc-title").textContent = `${inc.post_id} — ${inc.post_name || ""}`;
+  $("inc-title").innerHTML = (isTest(inc) ? TEST_BADGE : "") + esc(`${inc.post_id} — ${inc.post_name || ""}`);
+  $("incident").dataset.test = isTest(inc) ? "1" : "";
   $("inc-meta").textContent = `${inc.school || ""} · ${inc.address || ""} · opened ${fmtTime(inc.opened_at)} · ` +
     `state ${inc.state}` + (inc.acknowledged_by ? ` · acknowledged by ${inc.acknowledged_by}` : "") +
     (inc.classification ? ` · ${inc.classification}` : "");
@@ -153,7 +159,15 @@ async function showIncident(id) {
   for (const b of ["btn-ack", "btn-resolve", "btn-page"]) $(b).disabled = closed || !may("incidents.handle");
   const d = inc.dispatch;
   $("dispatch").textContent = d ? `dispatch: ${d.state}${d.team_id ? ", team " + d.team_id : ""}` +
-    `${d.reason ? " (" + d.reason + ")" : ""}` : "no dispatch";
+    `${d.reason ? " (" + d.reason + ")" : ""}` : (isTest(inc) ? "no dispatch (test mode)" : "no dispatch");
+  $("btn-redispatch").disabled = closed || !d || d.state === "done" || !may("incidents.handle");
+  // Pages of this incident; one still waiting for an answer can be cancelled.
+  $("pages").innerHTML = (d ? d.pages : []).map((p) =>
+    `<li id="page-${esc(p.id)}" class="${esc(p.state)}">${fmtTime(p.sent_at)} ${esc(p.kind)} page to team ` +
+    `${esc(p.team_id)}: ${esc(p.state)}${p.detail ? " — " + esc(p.detail) : ""}` +
+    (p.state === "waiting" && !closed && may("incidents.handle")
+      ? ` <button class="cancel-page" data-page="${esc(p.id)}">Cancel page</button>` : "") +
+    "</li>").join("");
   for (const b of ["btn-silence", "btn-reset"]) $(b).disabled = !may("posts.command");
   updateCallBar();
 }
@@ -189,6 +203,18 @@ $("btn-page").addEventListener("click", () => {
     .then(() => showIncident(state.selected)).catch(showError);
 });
 $("btn-reset").addEventListener("click", () => sendCommand("reset"));
+$("btn-redispatch").addEventListener("click", () => {
+  $("inc-error").textContent = "";
+  post(`incidents/${state.selected}/redispatch`, {reason: $("note").value})
+    .then(() => showIncident(state.selected)).catch(showError);
+});
+$("pages").addEventListener("click", (ev) => {
+  const button = ev.target.closest("button.cancel-page");
+  if (!button) return;
+  $("inc-error").textContent = "";
+  post(`incidents/${state.selected}/pages/${encodeURIComponent(button.dataset.page)}/cancel`, {})
+    .then(() => showIncident(state.selected)).catch(showError);
+});
 
 // ------------------------------------------------------------------ video intercom
 // mode "call": the incident's intercom call (video, both ways audio; one operator at a time);
@@ -334,17 +360,31 @@ async function loadPosts() {
 $("posts").addEventListener("click", (ev) => {
   const button = ev.target.closest("button.camera");
   if (button) viewCamera(button.dataset.post).catch((e) => { $("viewer-status").textContent = e.message; });
+  const test = ev.target.closest("button.testmode");
+  if (test) {
+    const on = test.dataset.on === "1";
+    $("posts-error").textContent = "";
+    post(`posts/${encodeURIComponent(test.dataset.post)}/test_mode`, {on, reason: $("test-reason").value})
+      .then((row) => { state.posts.set(row.id, {...state.posts.get(row.id), ...row}); renderPosts(); })
+      .catch((e) => { $("posts-error").textContent = e.message; });
+  }
 });
 function renderPosts() {
   const alarmed = new Set([...state.incidents.values()]
-    .filter((i) => i.state !== "resolved" && i.state !== "cancelled").map((i) => i.post_id));
+    .filter((i) => isOpen(i) && !isTest(i)).map((i) => i.post_id));
   const rows = [...state.posts.values()];
   $("posts").querySelector("tbody").innerHTML = rows.map((p) => {
     const h = p.health || {};
     const health = p.health ? `siren ${h.siren ? "on" : "off"}, strobe ${h.strobe ? "on" : "off"}, outbox ${h.outbox_depth}` : "—";
-    return `<tr id="post-${esc(p.id)}"><td>${esc(p.id)}</td><td>${esc(p.school)}</td>` +
+    const test = p.test_mode
+      ? `${TEST_BADGE}by ${esc(p.test_mode_by)}: ${esc(p.test_mode_reason)}` : "off";
+    const toggle = may("posts.test_mode")
+      ? ` <button class="testmode" data-post="${esc(p.id)}" data-on="${p.test_mode ? 0 : 1}">` +
+        `${p.test_mode ? "End test mode" : "Test mode"}</button>` : "";
+    return `<tr id="post-${esc(p.id)}" class="${p.test_mode ? "test" : ""}"><td>${esc(p.id)}</td><td>${esc(p.school)}</td>` +
       `<td class="state">${alarmed.has(p.id) ? "alarm" : esc(p.state)}</td><td>${fmtTime(p.last_seen)}</td>` +
       `<td>${esc(health)}</td><td>${p.faults.map((f) => esc(f.kind + ": " + f.detail)).join("; ")}</td>` +
+      `<td class="testmode">${test}${toggle}</td>` +
       `<td>${may("calls") ? `<button class="camera" data-post="${esc(p.id)}">Camera</button>` : ""}</td></tr>`;
   }).join("");
   const located = rows.filter((p) => p.lat != null && p.lon != null);
@@ -375,7 +415,7 @@ function renderPosts() {
     }
   }
   $("map").innerHTML = tiles + located.map((p) => {
-    const cls = alarmed.has(p.id) ? "alarm" : p.state;
+    const cls = alarmed.has(p.id) ? "alarm" : (p.test_mode ? "test" : p.state);
     return `<circle class="${esc(cls)}" cx="${sx(p.lon).toFixed(1)}" cy="${sy(p.lat).toFixed(1)}" r="${alarmed.has(p.id) ? 9 : 6}">` +
       `<title>${esc(p.id)} ${esc(p.name)} (${esc(cls)})</title></circle>`;
   }).join("") + teams.map((t) =>
@@ -422,6 +462,9 @@ async function onNotice(msg) {
       renderQueue(); renderPosts();
       if (msg.incident_id === state.selected) await showIncident(state.selected);
       break;
+    case "post_test_mode":
+      await loadPosts();
+      break;
     case "post_state": {
       const p = state.posts.get(msg.post_id);
       if (p) { p.state = msg.state; renderPosts(); }
@@ -463,6 +506,54 @@ async function onNotice(msg) {
   }
 }
 
+// ------------------------------------------------------------------ accounts (admins)
+async function loadUsers() {
+  if (!may("users.manage")) return;
+  const users = await api("users");
+  const roles = state.me.roles;
+  $("users").querySelector("tbody").innerHTML = users.map((u) =>
+    `<tr id="user-${esc(u.name)}" class="${u.disabled ? "disabled" : ""}" data-name="${esc(u.name)}">` +
+    `<td>${esc(u.name)}</td>` +
+    `<td><select class="role">${roles.map((r) => `<option${r === u.role ? " selected" : ""}>${esc(r)}</option>`).join("")}</select></td>` +
+    `<td>${fmtTime(u.created_at)}</td>` +
+    `<td class="status">${u.disabled ? "disabled" : "active"} <button class="toggle" data-disabled="${u.disabled ? 0 : 1}">` +
+    `${u.disabled ? "Enable" : "Disable"}</button></td>` +
+    `<td><input class="newpw" type="password" placeholder="new password" maxlength="1024" autocomplete="new-password">` +
+    ` <button class="resetpw">Reset password</button></td></tr>`).join("");
+  if (may("audit.view")) {
+    const rows = await api("audit");
+    $("audit").innerHTML = rows.slice(0, 50).map((a) =>
+      `<li>${fmtTime(a.at)} <b>${esc(a.action)}</b> by ${esc(a.actor)} ${esc(a.target)} ${esc(a.detail)}</li>`).join("");
+  }
+}
+function usersError(e) { $("users-error").textContent = e ? (e.message || String(e)) : ""; }
+const userDone = () => { usersError(null); return loadUsers(); };
+$("user-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  post("users", {name: $("new-name").value, role: $("new-role").value, password: $("new-password").value})
+    .then(() => { $("new-name").value = ""; $("new-password").value = ""; })
+    .then(userDone).catch(usersError);
+});
+$("users").addEventListener("change", (ev) => {
+  const select = ev.target.closest("select.role");
+  if (!select) return;
+  const name = select.closest("tr").dataset.name;
+  post(`users/${encodeURIComponent(name)}/role`, {role: select.value}).then(userDone)
+    .catch((e) => { usersError(e); loadUsers(); });
+});
+$("users").addEventListener("click", (ev) => {
+  const row = ev.target.closest("tr[data-name]");
+  if (!row) return;
+  const name = encodeURIComponent(row.dataset.name);
+  if (ev.target.closest("button.toggle")) {
+    post(`users/${name}/disabled`, {disabled: ev.target.dataset.disabled === "1"})
+      .then(userDone).catch(usersError);
+  } else if (ev.target.closest("button.resetpw")) {
+    post(`users/${name}/password`, {password: row.querySelector("input.newpw").value})
+      .then(userDone).catch(usersError);
+  }
+});
+
 // ------------------------------------------------------------------ start
 for (const tab of document.querySelectorAll(".tab")) {
   tab.addEventListener("click", () => {
@@ -484,6 +575,12 @@ $("logout").addEventListener("click", async () => {
   $("who").textContent = `${state.me.name} (${state.me.role})`;
   $("classification").innerHTML = state.me.classifications.map((c) => `<option>${esc(c)}</option>`).join("");
   if (!may("incidents.view")) { $("tab-queue").classList.add("hidden"); $("tab-posts").click(); }
+  if (may("users.manage")) {
+    $("tab-users").classList.remove("hidden");
+    $("new-role").innerHTML = state.me.roles.map((r) => `<option>${esc(r)}</option>`).join("");
+    loadUsers().catch(usersError);
+  }
+  $("testmode-bar").classList.toggle("hidden", !may("posts.test_mode"));
   ensureAudio();
   connect();
 })();

@@ -1,0 +1,625 @@
+"""The patrol teams' mobile web app at ``/patrol``, on the same aiohttp app as the API and console.
+
+A team logs in on its phone with its team id and the app password set by
+``alarmpost patrol team password --id T1`` (or ``team add --app-password-stdin``). The password is
+an argon2id hash, sessions and CSRF work as the console's (:mod:`server.console.auth`: a random
+token in an ``HttpOnly; SameSite=Strict`` cookie, only its SHA-256 stored; ``X-CSRF-Token`` on
+every POST, ``?csrf=`` on the WebSocket; Origin checked; failed logins rate-limited per address and
+per team). A session acts for its own team only: the team id comes from the session, never from
+the request.
+
+Everything a phone says goes through :meth:`server.dispatch.Dispatcher.receive` as the same wire
+payload an MQTT device publishes (``PageAnswer``, ``TeamPosition``, ``TeamStatus``): the same
+validation (impossible, stale or future positions refused and counted in ``rejected_total``), the
+same audit (actor ``team:{id}``). Pages and withdrawals reach the phone through a notifier
+(:class:`WebNotifier`) beside the MQTT one, over the app's WebSocket; a phone that reconnects
+reads its current page or assignment from ``/patrol/api/state``.
+
+::
+
+    GET  /patrol/login            login page (public)
+    POST /patrol/api/login        {team, password} + prelogin CSRF (public)
+    GET  /patrol/                 the app (a team session)
+    GET  /patrol/api/state        team, status, current page or assignment, CSRF token
+    POST /patrol/api/answer       {page, answer, classification?, detail?}
+    POST /patrol/api/status       {state: available | off_duty}
+    POST /patrol/api/position     {lat, lon, ts, accuracy_m?, speed_mps?}
+    POST /patrol/api/logout
+    GET  /patrol/ws?csrf=...      live: page, withdrawn (taken, timeout, closed, ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import quote, urlsplit
+
+import msgspec
+import sqlite_utils
+from aiohttp import WSMsgType, web
+
+from protocol.messages import Page, PageWithdrawn, Rejected
+from protocol.topics import team_topic, valid_team_id
+from server.console.auth import (
+    CSRF_HEADER,
+    LoginLimiter,
+    hash_password,
+    same_token,
+    token_digest,
+    verify_password,
+)
+from server.dispatch import NotifierUnavailable
+from server.incidents import CLASSIFICATIONS
+from server.patrol import Team, TeamError, ensure_schema
+
+if TYPE_CHECKING:
+    from server.app import CentralServer
+
+log = logging.getLogger("alarmpost.patrol_web")
+
+PREFIX: Final = "/patrol"
+STATIC_DIR: Final = Path(__file__).parent / "patrol_static"
+SESSION_COOKIE: Final = "alarmpost_patrol_session"
+PRELOGIN_COOKIE: Final = "alarmpost_patrol_prelogin"
+PUBLIC: Final = "public"
+TEAM: Final = "team"
+MAX_WS_MESSAGE: Final = 4096
+# HTTP status for each reason the dispatcher (or the decoder) refuses a team message.
+_STATUS: Final[dict[str, int]] = {
+    "unknown_page": 404, "not_your_page": 403, "page_closed": 409, "not_assigned": 409,
+    "unknown_team": 403, "stale_position": 422, "future_timestamp": 422,
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS team_sessions (
+    token_hash TEXT PRIMARY KEY,
+    team_id TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+
+
+# ---------------------------------------------------------------------------- passwords
+def set_app_password(db: sqlite_utils.Database, team_id: str, password: str) -> None:
+    """Set (or change) a team's app password; its phones must log in again. Raises
+    :class:`TeamError` (no such team) or :class:`UserError` (password too short or long)."""
+    ensure_schema(db)
+    db.executescript(SCHEMA)
+    if db.execute("SELECT 1 FROM teams WHERE id=?", (team_id,)).fetchone() is None:
+        raise TeamError(f"no team {team_id!r} (add it first: alarmpost patrol team add)")
+    password_hash = hash_password(password)
+    now = time.time()
+    with db.atomic():
+        db.execute(
+            "INSERT INTO team_app_passwords (team_id, password_hash, updated_at) VALUES (?,?,?) "
+            "ON CONFLICT(team_id) DO UPDATE SET password_hash=excluded.password_hash, "
+            "updated_at=excluded.updated_at", (team_id, password_hash, now))
+        db.execute("DELETE FROM team_sessions WHERE team_id=?", (team_id,))
+
+
+@dataclass(frozen=True)
+class TeamSession:
+    team_id: str
+    csrf: str
+    expires_at: float
+
+
+class TeamLogins:
+    """Team app sessions in the server's database. A session outlives neither its team nor a
+    password change (it must be newer than the password)."""
+
+    def __init__(self, db: sqlite_utils.Database, session_ttl_s: float) -> None:
+        self.db = db
+        self.session_ttl_s = session_ttl_s
+        ensure_schema(db)
+        db.executescript(SCHEMA)
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM team_app_passwords").fetchone()[0])
+
+    async def verify(self, team_id: str, password: str) -> bool:
+        row = self.db.execute(
+            "SELECT p.password_hash FROM team_app_passwords p JOIN teams t ON t.id = p.team_id "
+            "WHERE p.team_id=?", (team_id,)).fetchone() if valid_team_id(team_id) else None
+        return await verify_password(row[0] if row else None, password)
+
+    def create_session(self, team_id: str) -> tuple[str, TeamSession]:
+        now = time.time()
+        token = secrets.token_urlsafe(32)
+        session = TeamSession(team_id, secrets.token_urlsafe(32), now + self.session_ttl_s)
+        with self.db.atomic():
+            self.db.execute("DELETE FROM team_sessions WHERE expires_at < ?", (now,))
+            self.db.execute(
+                "INSERT INTO team_sessions (token_hash, team_id, csrf, created_at, expires_at) "
+                "VALUES (?,?,?,?,?)",
+                (token_digest(token), team_id, session.csrf, now, session.expires_at))
+        return token, session
+
+    def session(self, token: str) -> TeamSession | None:
+        if not token or len(token) > 128:
+            return None
+        row = self.db.execute(
+            "SELECT s.team_id, s.csrf, s.expires_at FROM team_sessions s "
+            "JOIN team_app_passwords p ON p.team_id = s.team_id "
+            "JOIN teams t ON t.id = s.team_id "
+            "WHERE s.token_hash=? AND s.created_at >= p.updated_at", (token_digest(token),),
+        ).fetchone()
+        if row is None or row[2] < time.time():
+            return None
+        return TeamSession(row[0], row[1], row[2])
+
+    def end_session(self, token: str) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM team_sessions WHERE token_hash=?", (token_digest(token),))
+
+
+# ---------------------------------------------------------------------------- live channel
+class WebNotifier:
+    """The dispatcher's paging channel to the app: pushes pages and withdrawals to the team's
+    open WebSockets. With no phone connected it raises :class:`NotifierUnavailable` (so it never
+    counts as delivered); ``optional`` keeps the dispatcher's log quiet about it. A phone that
+    connects later reads the page from ``/patrol/api/state``."""
+
+    name = "web"
+    optional = True
+
+    def __init__(self, app: PatrolApp) -> None:
+        self.app = app
+
+    async def page(self, team: Team | None, page: Page) -> None:
+        await self._push(page.team, {"type": "page", "page": page.id, "incident": page.incident,
+                                     "broadcast": page.broadcast})
+
+    async def withdraw(self, team: Team | None, notice: PageWithdrawn) -> None:
+        await self._push(notice.team, {"type": "withdrawn", "page": notice.page,
+                                       "incident": notice.incident, "reason": notice.reason})
+
+    async def _push(self, team_id: str, message: dict[str, Any]) -> None:
+        sockets = [ws for ws in self.app.sockets.get(team_id, ()) if not ws.closed]
+        if not sockets:
+            raise NotifierUnavailable(f"team {team_id} has no patrol app open")
+        message["state"] = self.app.state(team_id)
+        sent = 0
+        for ws in sockets:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_json(message)
+                sent += 1
+        if not sent:
+            raise NotifierUnavailable(f"team {team_id}: the app's connection is gone")
+        self.app.server.metrics.inc("patrol_web_pushed_total", kind=message["type"])
+
+
+class PatrolApp:
+    def __init__(self, server: CentralServer) -> None:
+        self.server = server
+        db = getattr(server.storage, "db", None)
+        assert db is not None, "the patrol app needs the SQLite storage"
+        self.logins = TeamLogins(db, server.config.patrol_app.session_ttl_s)
+        console = server.config.console
+        self.limiter = LoginLimiter(console.login_attempts, console.login_window_s)
+        self.sockets: dict[str, set[web.WebSocketResponse]] = {}
+        self.notifier = WebNotifier(self)
+
+    def state(self, team_id: str) -> dict[str, Any]:
+        """What the team's phone shows: its status, position, and current page or assignment."""
+        d = self.server.dispatcher
+        live = d.live.get(team_id)
+        team = d.teams.get(team_id)
+        return {
+            "team": team_id, "name": team.name if team else team_id,
+            "status": live.status if live else None,
+            "position_at": live.position_at if live else None,
+            "current": self.current(team_id),
+        }
+
+    def current(self, team_id: str) -> dict[str, Any] | None:
+        d = self.server.dispatcher
+        incident_id = d.committed.get(team_id)
+        job = d.jobs.get(incident_id) if incident_id else None
+        if job is None:
+            return None
+        if job.state == "assigned" and job.team_id == team_id:
+            pages = [p for p in job.pages.values() if p.team_id == team_id and p.state == "accepted"]
+            phase = self._incident_state(job.incident_id)  # accepted, en_route, on_scene
+        else:
+            pages = [p for p in job.waiting() if p.team_id == team_id]
+            phase = "paged"
+        if not pages:
+            return None
+        page = d._page_message(pages[-1])  # the same Page an MQTT device gets
+        info: dict[str, Any] = msgspec.to_builtins(page)
+        info["phase"] = phase
+        info["nav"] = self._nav(page)
+        return info
+
+    def _incident_state(self, incident_id: str) -> str:
+        db = self.logins.db
+        row = db.execute("SELECT state FROM incidents WHERE id=?", (incident_id,)).fetchone()
+        return str(row[0]) if row else "unknown"
+
+    def _nav(self, page: Page) -> dict[str, str]:
+        if page.lat is None or page.lon is None:
+            return {}
+        label = page.post_name or page.post
+        lat, lon = f"{page.lat:.6f}", f"{page.lon:.6f}"
+        nav = {"geo": f"geo:{lat},{lon}?q={lat},{lon}({quote(label)})"}
+        template = self.server.config.patrol_app.map_url
+        if template:
+            nav["map"] = template.replace("{lat}", lat).replace("{lon}", lon).replace(
+                "{name}", quote(label))
+        return nav
+
+
+PATROL_KEY: web.AppKey[PatrolApp] = web.AppKey("patrol_app")
+SESSION_KEY: web.RequestKey[TeamSession] = web.RequestKey("alarmpost.team_session", TeamSession)
+
+
+# ---------------------------------------------------------------------------- guard
+def access(level: str) -> Callable[[H], H]:
+    def mark(handler: H) -> H:
+        handler.patrol_access = level  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def is_patrol_path(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _same_origin(request: web.Request, required: bool) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return not required
+    return urlsplit(origin).netloc == request.host
+
+
+def _secure_cookie(request: web.Request) -> bool:
+    return request.secure or request.app[PATROL_KEY].server.config.console.secure_cookies
+
+
+def _refuse(app: PatrolApp, request: web.Request, status: int, reason: str, message: str,
+            **headers: str) -> web.Response:
+    app.server.metrics.inc("patrol_web_refused_total", reason=reason)
+    app.server.metrics.inc("http_requests_total", status=str(status))
+    log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, reason)
+    return _error(status, message, **headers)
+
+
+async def patrol_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Team sessions and CSRF for every ``/patrol`` route (called by the API's middleware)."""
+    app = request.app[PATROL_KEY]
+    server = app.server
+    if request.match_info.http_exception is not None:
+        exc = request.match_info.http_exception
+        server.metrics.inc("http_requests_total", status=str(exc.status))
+        return _error(exc.status, exc.reason)
+    route = request.match_info.route
+    level = PUBLIC if isinstance(route.resource, web.StaticResource) else getattr(
+        route.handler, "patrol_access", None)
+    if level not in (PUBLIC, TEAM):  # fail closed
+        log.error("patrol route %s declares no access level; refused", request.path)
+        return _refuse(app, request, 403, "undeclared", "this endpoint is not available")
+    changes_state = request.method not in ("GET", "HEAD", "OPTIONS")
+    if level == TEAM:
+        session = app.logins.session(request.cookies.get(SESSION_COOKIE, ""))
+        if session is None:
+            if request.method == "GET" and request.path in (PREFIX, PREFIX + "/"):
+                raise web.HTTPFound(f"{PREFIX}/login")
+            return _refuse(app, request, 401, "no_session", "log in first")
+        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+        if changes_state or websocket:
+            if not _same_origin(request, required=websocket):
+                return _refuse(app, request, 403, "origin", "cross-origin request refused")
+            given = (request.query.get("csrf", "") if websocket
+                     else request.headers.get(CSRF_HEADER, ""))
+            if not same_token(given, session.csrf):
+                return _refuse(app, request, 403, "csrf", "missing or wrong CSRF token")
+        request[SESSION_KEY] = session
+    elif changes_state and not _same_origin(request, required=False):
+        return _refuse(app, request, 403, "origin", "cross-origin request refused")
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        server.metrics.inc("patrol_web_refused_total", reason=f"http_{exc.status}")
+        server.metrics.inc("http_requests_total", status=str(exc.status))
+        return _error(exc.status, exc.reason)
+    except Exception:
+        server.metrics.inc("http_requests_total", status="500")
+        log.exception("error serving %s %s", request.method, request.path)
+        return _error(500, "internal error; see the server log")
+    server.metrics.inc("http_requests_total", status=str(response.status))
+    if not response.prepared:
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
+
+
+def _session(request: web.Request) -> TeamSession:
+    session: TeamSession = request[SESSION_KEY]
+    return session
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(reason="the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(reason="the body must be a JSON object")
+    return body
+
+
+def _str_field(body: dict[str, Any], key: str, max_len: int = 200, required: bool = True) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str) or len(value) > max_len or (required and not value):
+        raise web.HTTPBadRequest(reason=f"{key!r} must be a string of 1-{max_len} characters")
+    return value
+
+
+def _number(body: dict[str, Any], key: str, default: float | None = None) -> float:
+    value = body.get(key, default)
+    if value is None and default is None:
+        raise web.HTTPBadRequest(reason=f"{key!r} is required (a number)")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise web.HTTPBadRequest(reason=f"{key!r} must be a number")
+    return float(value)
+
+
+def _html(name: str, csrf: str) -> web.Response:
+    html = (STATIC_DIR / name).read_text().replace("{{csrf}}", csrf)
+    return web.Response(text=html, content_type="text/html", headers={
+        "Content-Security-Policy": (
+            "default-src 'self'; img-src 'self' data:; connect-src 'self'; style-src 'self'; "
+            "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        ),
+    })
+
+
+def _submit(request: web.Request, kind: str, fields: dict[str, Any]) -> None:
+    """Hand the dispatcher the payload the team's MQTT device would publish; a refusal is
+    counted like an MQTT one (``rejected_total``) and becomes a JSON error."""
+    app = request.app[PATROL_KEY]
+    team_id = _session(request).team_id
+    topic = team_topic(team_id, kind)  # type: ignore[arg-type]
+    payload = json.dumps({"v": 1, "team": team_id, **fields}).encode()
+    try:
+        app.server.dispatcher.receive(topic, payload)
+    except Rejected as exc:
+        app.server.reject(exc.reason, topic, exc.detail)
+        app.server.metrics.inc("patrol_web_refused_total", reason=exc.reason)
+        raise _Refused(_STATUS.get(exc.reason, 400), f"{exc.reason}: {exc.detail}"[:300],
+                       exc.reason) from None
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.reason = status, message, reason
+
+
+def _refused_response(exc: _Refused) -> web.Response:
+    return web.json_response({"error": exc.message, "reason": exc.reason}, status=exc.status)
+
+
+# ---------------------------------------------------------------------------- routes
+@access(PUBLIC)
+async def root(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound(f"{PREFIX}/")
+
+
+@access(PUBLIC)
+async def login_page(request: web.Request) -> web.StreamResponse:
+    token = secrets.token_urlsafe(32)
+    response = _html("login.html", token)
+    response.set_cookie(PRELOGIN_COOKIE, token, path=PREFIX, httponly=True, samesite="Strict",
+                        secure=_secure_cookie(request), max_age=3600)
+    return response
+
+
+@access(PUBLIC)
+async def login(request: web.Request) -> web.Response:
+    app = request.app[PATROL_KEY]
+    server = app.server
+    prelogin = request.cookies.get(PRELOGIN_COOKIE, "")
+    if not prelogin or not same_token(request.headers.get(CSRF_HEADER, ""), prelogin):
+        return _refuse(app, request, 403, "csrf",
+                       "missing or wrong CSRF token: reload the login page")
+    body = await _json_body(request)
+    team_id = _str_field(body, "team", 64).strip()
+    password = _str_field(body, "password", 1024)
+    remote = request.remote or "?"
+    wait = app.limiter.retry_after(remote, team_id)
+    if wait > 0:
+        server.metrics.inc("patrol_web_logins_total", result="rate_limited")
+        log.warning("patrol app login of team %r from %s rate-limited (%.0f s)", team_id, remote,
+                    wait)
+        return _error(429, f"too many failed logins; try again in {int(wait) + 1} s",
+                      **{"Retry-After": str(int(wait) + 1)})
+    if not await app.logins.verify(team_id, password):
+        app.limiter.failed(remote, team_id)
+        server.metrics.inc("patrol_web_logins_total", result="failed")
+        log.warning("failed patrol app login for team %r from %s", team_id, remote)
+        return _error(401, "wrong team or password")
+    app.limiter.succeeded(team_id)
+    token, session = app.logins.create_session(team_id)
+    server.metrics.inc("patrol_web_logins_total", result="ok")
+    log.info("team %s logged in to the patrol app from %s", team_id, remote)
+    response = web.json_response({"team": team_id, "csrf": session.csrf})
+    response.set_cookie(SESSION_COOKIE, token, path=PREFIX, httponly=True, samesite="Strict",
+                        secure=_secure_cookie(request), max_age=int(app.logins.session_ttl_s))
+    response.del_cookie(PRELOGIN_COOKIE, path=PREFIX)
+    return response
+
+
+@access(TEAM)
+async def logout(request: web.Request) -> web.Response:
+    app = request.app[PATROL_KEY]
+    app.logins.end_session(request.cookies.get(SESSION_COOKIE, ""))
+    log.info("team %s logged out of the patrol app", _session(request).team_id)
+    response = web.json_response({"ok": True})
+    response.del_cookie(SESSION_COOKIE, path=PREFIX)
+    return response
+
+
+@access(TEAM)
+async def app_page(request: web.Request) -> web.StreamResponse:
+    return _html("patrol.html", _session(request).csrf)
+
+
+@access(TEAM)
+async def state(request: web.Request) -> web.Response:
+    app = request.app[PATROL_KEY]
+    session = _session(request)
+    return web.json_response({**app.state(session.team_id), "csrf": session.csrf,
+                              "classifications": list(CLASSIFICATIONS)})
+
+
+@access(TEAM)
+async def answer(request: web.Request) -> web.Response:
+    app = request.app[PATROL_KEY]
+    body = await _json_body(request)
+    page_id = _str_field(body, "page", 40)
+    kind = _str_field(body, "answer", 20)
+    if kind not in ("accept", "decline", "en_route", "on_scene", "resolved"):
+        raise web.HTTPBadRequest(reason="answer must be accept, decline, en_route, on_scene or "
+                                        "resolved")
+    classification = _str_field(body, "classification", 40, required=False)
+    if kind == "resolved" and classification not in CLASSIFICATIONS:
+        raise web.HTTPBadRequest(
+            reason=f"resolving needs a classification, one of: {', '.join(CLASSIFICATIONS)}")
+    detail = _str_field(body, "detail", 200, required=False)
+    row = app.logins.db.execute("SELECT incident_id FROM pages WHERE id=?", (page_id,)).fetchone()
+    incident_id = body.get("incident", row[0] if row else "")
+    if not isinstance(incident_id, str) or not incident_id:
+        app.server.metrics.inc("patrol_web_refused_total", reason="unknown_page")
+        return web.json_response({"error": f"unknown_page: no page {page_id[:40]!r}",
+                                  "reason": "unknown_page"}, status=404)
+    try:
+        _submit(request, "answer", {"page": page_id, "incident": incident_id, "answer": kind,
+                                    "ts": time.time(), "classification": classification,
+                                    "detail": detail})
+    except _Refused as exc:
+        return _refused_response(exc)
+    log.info("team %s: %s on page %s (patrol app)", _session(request).team_id, kind, page_id)
+    return web.json_response(app.state(_session(request).team_id))
+
+
+@access(TEAM)
+async def status(request: web.Request) -> web.Response:
+    app = request.app[PATROL_KEY]
+    body = await _json_body(request)
+    new = _str_field(body, "state", 20)
+    if new not in ("available", "off_duty"):
+        raise web.HTTPBadRequest(reason="state must be available or off_duty")
+    try:
+        _submit(request, "status", {"state": new, "ts": time.time(), "reason": "patrol app"})
+    except _Refused as exc:
+        return _refused_response(exc)
+    return web.json_response(app.state(_session(request).team_id))
+
+
+@access(TEAM)
+async def position(request: web.Request) -> web.Response:
+    app = request.app[PATROL_KEY]
+    body = await _json_body(request)
+    fields = {"lat": _number(body, "lat"), "lon": _number(body, "lon"), "ts": _number(body, "ts"),
+              "accuracy_m": _number(body, "accuracy_m", 0.0),
+              "speed_mps": _number(body, "speed_mps", 0.0)}
+    try:
+        _submit(request, "position", fields)
+    except _Refused as exc:
+        return _refused_response(exc)
+    app.server.metrics.inc("patrol_web_positions_total")
+    return web.json_response({"ok": True})
+
+
+@access(TEAM)
+async def websocket(request: web.Request) -> web.StreamResponse:
+    app = request.app[PATROL_KEY]
+    server = app.server
+    team_id = _session(request).team_id
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_WS_MESSAGE)
+    await ws.prepare(request)
+    sockets = app.sockets.setdefault(team_id, set())
+    sockets.add(ws)
+    server.metrics.inc("patrol_web_ws_connections_total")
+    try:
+        await ws.send_json({"type": "hello", "state": app.state(team_id), "at": time.time()})
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT and msg.data == '{"type":"ping"}':
+                await ws.send_json({"type": "pong"})
+            elif msg.type == WSMsgType.ERROR:
+                break
+            else:
+                server.metrics.inc("patrol_web_refused_total", reason="ws_message")
+                await ws.send_json({"type": "error",
+                                    "error": 'the only message accepted is {"type":"ping"}; '
+                                             "use the HTTP API to answer"})
+    except (ConnectionError, RuntimeError):
+        pass
+    finally:
+        sockets.discard(ws)
+        if not sockets:
+            app.sockets.pop(team_id, None)
+    return ws
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for sockets in list(app[PATROL_KEY].sockets.values()):
+        for ws in list(sockets):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=1001, message=b"server stopping"), 2)
+
+
+def setup_patrol_app(app: web.Application, server: CentralServer) -> PatrolApp:
+    """Mount the patrol app on the server's app (its middleware calls :func:`patrol_guard`) and
+    add its paging channel to the dispatcher."""
+    state_ = PatrolApp(server)
+    app[PATROL_KEY] = state_
+    m = server.metrics
+    m.counter("patrol_web_refused_total", "Patrol app requests refused, by reason")
+    m.counter("patrol_web_logins_total", "Patrol app logins, by result")
+    m.counter("patrol_web_ws_connections_total", "Patrol app WebSockets opened")
+    m.counter("patrol_web_pushed_total", "Pages and withdrawals pushed to patrol apps")
+    m.counter("patrol_web_positions_total", "Positions accepted from patrol apps")
+    r = app.router
+    r.add_get(PREFIX, root)
+    r.add_get(f"{PREFIX}/", app_page)
+    r.add_get(f"{PREFIX}/login", login_page)
+    r.add_post(f"{PREFIX}/api/login", login)
+    r.add_post(f"{PREFIX}/api/logout", logout)
+    r.add_get(f"{PREFIX}/api/state", state)
+    r.add_post(f"{PREFIX}/api/answer", answer)
+    r.add_post(f"{PREFIX}/api/status", status)
+    r.add_post(f"{PREFIX}/api/position", position)
+    r.add_get(f"{PREFIX}/ws", websocket)
+    r.add_static(f"{PREFIX}/static", STATIC_DIR)
+    app.on_shutdown.append(_close_sockets)
+    # One web channel per server: the app that serves (a second make_app, as tests build to
+    # walk the router, must not take the pushes away from it).
+    if not any(getattr(n, "name", "") == WebNotifier.name for n in server.dispatcher.notifiers):
+        server.dispatcher.notifiers.append(state_.notifier)
+    return state_
+
