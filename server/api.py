@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -28,6 +27,7 @@ from aiohttp import web
 from server.console.web import console_guard, is_console_path, setup_console
 from server.incidents import STATES
 from server.patrol_web import is_patrol_path, patrol_guard, setup_patrol_app
+from server.webutil import Handler, error, run_handler
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -35,11 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("alarmpost.http")
 
 SERVER_KEY: web.AppKey[CentralServer] = web.AppKey("server")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 @web.middleware
@@ -56,19 +51,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not given or not hmac.compare_digest(given, token):
         server.metrics.inc("http_requests_total", status="401")
         log.warning("unauthenticated %s %s from %s", request.method, request.path, request.remote)
-        return _error(401, "missing or wrong token: send 'Authorization: Bearer <api_token>'",
+        return error(401, "missing or wrong token: send 'Authorization: Bearer <api_token>'",
                       **{"WWW-Authenticate": 'Bearer realm="alarmpost"'})
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        server.metrics.inc("http_requests_total", status=str(exc.status))
-        return _error(exc.status, exc.reason)
-    except Exception:
-        server.metrics.inc("http_requests_total", status="500")
-        log.exception("error serving %s %s", request.method, request.path)
-        return _error(500, "internal error; see the server log")
-    server.metrics.inc("http_requests_total", status=str(response.status))
-    return response
+    return await run_handler(server.metrics, request, handler)
 
 
 def _limit(request: web.Request) -> int:

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import msgspec
 import sqlite_utils
@@ -59,6 +59,7 @@ from server.console.auth import (
 from server.dispatch import NotifierUnavailable
 from server.incidents import CLASSIFICATIONS
 from server.patrol import Team, TeamError, ensure_schema
+from server.webutil import error, json_body, refuse, run_handler, same_origin, str_field
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -280,27 +281,14 @@ def is_patrol_path(path: str) -> bool:
     return path == PREFIX or path.startswith(PREFIX + "/")
 
 
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def _same_origin(request: web.Request, required: bool) -> bool:
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return not required
-    return urlsplit(origin).netloc == request.host
-
-
 def _secure_cookie(request: web.Request) -> bool:
     return request.secure or request.app[PATROL_KEY].server.config.console.secure_cookies
 
 
 def _refuse(app: PatrolApp, request: web.Request, status: int, reason: str, message: str,
             **headers: str) -> web.Response:
-    app.server.metrics.inc("patrol_web_refused_total", reason=reason)
-    app.server.metrics.inc("http_requests_total", status=str(status))
-    log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, reason)
-    return _error(status, message, **headers)
+    return refuse(app.server.metrics, "patrol_web_refused_total", request, status, reason,
+                  message, **headers)
 
 
 async def patrol_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -310,7 +298,7 @@ async def patrol_guard(request: web.Request, handler: Handler) -> web.StreamResp
     if request.match_info.http_exception is not None:
         exc = request.match_info.http_exception
         server.metrics.inc("http_requests_total", status=str(exc.status))
-        return _error(exc.status, exc.reason)
+        return error(exc.status, exc.reason)
     route = request.match_info.route
     level = PUBLIC if isinstance(route.resource, web.StaticResource) else getattr(
         route.handler, "patrol_access", None)
@@ -326,56 +314,25 @@ async def patrol_guard(request: web.Request, handler: Handler) -> web.StreamResp
             return _refuse(app, request, 401, "no_session", "log in first")
         websocket = request.headers.get("Upgrade", "").lower() == "websocket"
         if changes_state or websocket:
-            if not _same_origin(request, required=websocket):
+            if not same_origin(request, required=websocket):
                 return _refuse(app, request, 403, "origin", "cross-origin request refused")
             given = (request.query.get("csrf", "") if websocket
                      else request.headers.get(CSRF_HEADER, ""))
             if not same_token(given, session.csrf):
                 return _refuse(app, request, 403, "csrf", "missing or wrong CSRF token")
         request[SESSION_KEY] = session
-    elif changes_state and not _same_origin(request, required=False):
+    elif changes_state and not same_origin(request, required=False):
         return _refuse(app, request, 403, "origin", "cross-origin request refused")
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        server.metrics.inc("patrol_web_refused_total", reason=f"http_{exc.status}")
-        server.metrics.inc("http_requests_total", status=str(exc.status))
-        return _error(exc.status, exc.reason)
-    except Exception:
-        server.metrics.inc("http_requests_total", status="500")
-        log.exception("error serving %s %s", request.method, request.path)
-        return _error(500, "internal error; see the server log")
-    server.metrics.inc("http_requests_total", status=str(response.status))
-    if not response.prepared:
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-    return response
+    return await run_handler(
+        server.metrics, request, handler,
+        on_http_error=lambda status: server.metrics.inc("patrol_web_refused_total",
+                                                         reason=f"http_{status}"),
+    )
 
 
 def _session(request: web.Request) -> TeamSession:
     session: TeamSession = request[SESSION_KEY]
     return session
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(reason="the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(reason="the body must be a JSON object")
-    return body
-
-
-def _str_field(body: dict[str, Any], key: str, max_len: int = 200, required: bool = True) -> str:
-    value = body.get(key, "")
-    if not isinstance(value, str) or len(value) > max_len or (required and not value):
-        raise web.HTTPBadRequest(reason=f"{key!r} must be a string of 1-{max_len} characters")
-    return value
 
 
 def _number(body: dict[str, Any], key: str, default: float | None = None) -> float:
@@ -446,22 +403,22 @@ async def login(request: web.Request) -> web.Response:
     if not prelogin or not same_token(request.headers.get(CSRF_HEADER, ""), prelogin):
         return _refuse(app, request, 403, "csrf",
                        "missing or wrong CSRF token: reload the login page")
-    body = await _json_body(request)
-    team_id = _str_field(body, "team", 64).strip()
-    password = _str_field(body, "password", 1024)
+    body = await json_body(request)
+    team_id = str_field(body, "team", 64).strip()
+    password = str_field(body, "password", 1024)
     remote = request.remote or "?"
     wait = app.limiter.retry_after(remote, team_id)
     if wait > 0:
         server.metrics.inc("patrol_web_logins_total", result="rate_limited")
         log.warning("patrol app login of team %r from %s rate-limited (%.0f s)", team_id, remote,
                     wait)
-        return _error(429, f"too many failed logins; try again in {int(wait) + 1} s",
+        return error(429, f"too many failed logins; try again in {int(wait) + 1} s",
                       **{"Retry-After": str(int(wait) + 1)})
     if not await app.logins.verify(team_id, password):
         app.limiter.failed(remote, team_id)
         server.metrics.inc("patrol_web_logins_total", result="failed")
         log.warning("failed patrol app login for team %r from %s", team_id, remote)
-        return _error(401, "wrong team or password")
+        return error(401, "wrong team or password")
     app.limiter.succeeded(team_id)
     token, session = app.logins.create_session(team_id)
     server.metrics.inc("patrol_web_logins_total", result="ok")
@@ -499,17 +456,17 @@ async def state(request: web.Request) -> web.Response:
 @access(TEAM)
 async def answer(request: web.Request) -> web.Response:
     app = request.app[PATROL_KEY]
-    body = await _json_body(request)
-    page_id = _str_field(body, "page", 40)
-    kind = _str_field(body, "answer", 20)
+    body = await json_body(request)
+    page_id = str_field(body, "page", 40)
+    kind = str_field(body, "answer", 20)
     if kind not in ("accept", "decline", "en_route", "on_scene", "resolved"):
         raise web.HTTPBadRequest(reason="answer must be accept, decline, en_route, on_scene or "
                                         "resolved")
-    classification = _str_field(body, "classification", 40, required=False)
+    classification = str_field(body, "classification", 40, required=False)
     if kind == "resolved" and classification not in CLASSIFICATIONS:
         raise web.HTTPBadRequest(
             reason=f"resolving needs a classification, one of: {', '.join(CLASSIFICATIONS)}")
-    detail = _str_field(body, "detail", 200, required=False)
+    detail = str_field(body, "detail", 200, required=False)
     row = app.logins.db.execute("SELECT incident_id FROM pages WHERE id=?", (page_id,)).fetchone()
     incident_id = body.get("incident", row[0] if row else "")
     if not isinstance(incident_id, str) or not incident_id:
@@ -529,8 +486,8 @@ async def answer(request: web.Request) -> web.Response:
 @access(TEAM)
 async def status(request: web.Request) -> web.Response:
     app = request.app[PATROL_KEY]
-    body = await _json_body(request)
-    new = _str_field(body, "state", 20)
+    body = await json_body(request)
+    new = str_field(body, "state", 20)
     if new not in ("available", "off_duty"):
         raise web.HTTPBadRequest(reason="state must be available or off_duty")
     try:
@@ -543,7 +500,7 @@ async def status(request: web.Request) -> web.Response:
 @access(TEAM)
 async def position(request: web.Request) -> web.Response:
     app = request.app[PATROL_KEY]
-    body = await _json_body(request)
+    body = await json_body(request)
     fields = {"lat": _number(body, "lat"), "lon": _number(body, "lon"), "ts": _number(body, "ts"),
               "accuracy_m": _number(body, "accuracy_m", 0.0),
               "speed_mps": _number(body, "speed_mps", 0.0)}

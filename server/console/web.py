@@ -59,6 +59,7 @@ from server.console.auth import (
     same_token,
 )
 from server.incidents import CLASSIFICATIONS, STATES, InvalidTransition
+from server.webutil import error, json_body, refuse, run_handler, same_origin, str_field
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -109,19 +110,8 @@ def is_console_path(path: str) -> bool:
     return path == PREFIX or path.startswith(PREFIX + "/")
 
 
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
 def _secure_cookie(request: web.Request) -> bool:
     return request.secure or request.app[CONSOLE_KEY].server.config.console.secure_cookies
-
-
-def _same_origin(request: web.Request, required: bool) -> bool:
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return not required
-    return urlsplit(origin).netloc == request.host
 
 
 def route_permission(request: web.Request) -> str | None:
@@ -133,10 +123,8 @@ def route_permission(request: web.Request) -> str | None:
 
 def _refuse(server: CentralServer, request: web.Request, status: int, reason: str,
             message: str, **headers: str) -> web.Response:
-    server.metrics.inc("console_refused_total", reason=reason)
-    server.metrics.inc("http_requests_total", status=str(status))
-    log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, reason)
-    return _error(status, message, **headers)
+    return refuse(server.metrics, "console_refused_total", request, status, reason, message,
+                  **headers)
 
 
 async def console_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -146,7 +134,7 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
     if request.match_info.http_exception is not None:
         exc = request.match_info.http_exception
         server.metrics.inc("http_requests_total", status=str(exc.status))
-        return _error(exc.status, exc.reason)
+        return error(exc.status, exc.reason)
     permission = route_permission(request)
     if permission is None:  # fail closed: a route that forgot to declare is nobody's
         log.error("console route %s declares no permission; refused", request.path)
@@ -164,55 +152,21 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
         websocket = request.headers.get("Upgrade", "").lower() == "websocket"
         if changes_state or websocket:
             # Browsers always send Origin on WebSockets and cross-origin POSTs.
-            if not _same_origin(request, required=websocket):
+            if not same_origin(request, required=websocket):
                 return _refuse(server, request, 403, "origin", "cross-origin request refused")
             given = (request.query.get("csrf", "") if websocket
                      else request.headers.get(CSRF_HEADER, ""))
             if not same_token(given, session.csrf):
                 return _refuse(server, request, 403, "csrf", "missing or wrong CSRF token")
         request[SESSION_KEY] = session
-    elif changes_state and not _same_origin(request, required=False):
+    elif changes_state and not same_origin(request, required=False):
         return _refuse(server, request, 403, "origin", "cross-origin request refused")
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        server.metrics.inc("http_requests_total", status=str(exc.status))
-        return _error(exc.status, exc.reason)
-    except Exception:
-        server.metrics.inc("http_requests_total", status="500")
-        log.exception("error serving %s %s", request.method, request.path)
-        return _error(500, "internal error; see the server log")
-    server.metrics.inc("http_requests_total", status=str(response.status))
-    if not response.prepared:
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-    return response
+    return await run_handler(server.metrics, request, handler)
 
 
 def _session(request: web.Request) -> Session:
     session: Session = request[SESSION_KEY]
     return session
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(reason="the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(reason="the body must be a JSON object")
-    return body
-
-
-def _str_field(body: dict[str, Any], key: str, max_len: int = 200, required: bool = True) -> str:
-    value = body.get(key, "")
-    if not isinstance(value, str) or len(value) > max_len or (required and not value):
-        raise web.HTTPBadRequest(reason=f"{key!r} must be a string of 1-{max_len} characters")
-    return value
 
 
 def _page(name: str, csrf: str, request: web.Request) -> web.Response:
@@ -251,15 +205,15 @@ async def login(request: web.Request) -> web.Response:
     if not prelogin or not same_token(request.headers.get(CSRF_HEADER, ""), prelogin):
         return _refuse(server, request, 403, "csrf",
                        "missing or wrong CSRF token: reload the login page")
-    body = await _json_body(request)
-    name = _str_field(body, "name", 64)
-    password = _str_field(body, "password", 1024)
+    body = await json_body(request)
+    name = str_field(body, "name", 64)
+    password = str_field(body, "password", 1024)
     remote = request.remote or "?"
     wait = state.limiter.retry_after(remote, name)
     if wait > 0:
         server.metrics.inc("console_logins_total", result="rate_limited")
         log.warning("login of %r from %s rate-limited (%.0f s)", name, remote, wait)
-        return _error(429, f"too many failed logins; try again in {int(wait) + 1} s",
+        return error(429, f"too many failed logins; try again in {int(wait) + 1} s",
                       **{"Retry-After": str(int(wait) + 1)})
     user = await state.accounts.verify_async(name, password)
     if user is None:
@@ -267,7 +221,7 @@ async def login(request: web.Request) -> web.Response:
         server.metrics.inc("console_logins_total", result="failed")
         state.accounts.audit(name, "login_failed", remote=remote)
         log.warning("failed login for %r from %s", name, remote)
-        return _error(401, "wrong name or password")
+        return error(401, "wrong name or password")
     state.limiter.succeeded(name)
     token, session = state.accounts.create_session(user)
     server.metrics.inc("console_logins_total", result="ok")
@@ -379,11 +333,11 @@ async def acknowledge(request: web.Request) -> web.Response:
 
 @needs("incidents.handle")
 async def resolve(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    classification = _str_field(body, "classification", 40)
+    body = await json_body(request)
+    classification = str_field(body, "classification", 40)
     if classification not in CLASSIFICATIONS:
         raise web.HTTPBadRequest(reason=f"classification must be one of {', '.join(CLASSIFICATIONS)}")
-    note = _str_field(body, "note", 500, required=False)
+    note = str_field(body, "note", 500, required=False)
     return _transition(request, request.match_info["incident_id"], "resolved", note=note,
                        classification=classification)
 
@@ -396,8 +350,8 @@ async def page_team(request: web.Request) -> web.Response:
     incident_id = request.match_info["incident_id"]
     if server.storage.incident(incident_id) is None:
         raise web.HTTPNotFound(reason="no such incident")
-    body = await _json_body(request)
-    team_id = _str_field(body, "team_id", 64)
+    body = await json_body(request)
+    team_id = str_field(body, "team_id", 64)
     try:
         page_id = server.dispatcher.page_team(incident_id, team_id, _session(request).user.name,
                                               "paged from the console")
@@ -409,8 +363,8 @@ async def page_team(request: web.Request) -> web.Response:
 
 
 async def _reason(request: web.Request) -> str:
-    body = await _json_body(request) if request.can_read_body else {}
-    return _str_field(body, "reason", 200, required=False)
+    body = await json_body(request) if request.can_read_body else {}
+    return str_field(body, "reason", 200, required=False)
 
 
 @needs("incidents.handle")
@@ -488,8 +442,8 @@ async def command(request: web.Request) -> web.Response:
     post_id = request.match_info["post_id"]
     if not valid_post_id(post_id) or post_id not in server.live:
         raise web.HTTPNotFound(reason="no such post")
-    body = await _json_body(request)
-    cmd = _str_field(body, "cmd", 20)
+    body = await json_body(request)
+    cmd = str_field(body, "cmd", 20)
     incident_id = body.get("incident_id")
     if incident_id is not None:
         if not isinstance(incident_id, str) or server.storage.incident(incident_id) is None:
@@ -512,11 +466,11 @@ async def test_mode(request: web.Request) -> web.Response:
     post_id = request.match_info["post_id"]
     if not valid_post_id(post_id) or post_id not in server.live:
         raise web.HTTPNotFound(reason="no such post")
-    body = await _json_body(request)
+    body = await json_body(request)
     on = body.get("on")
     if not isinstance(on, bool):
         raise web.HTTPBadRequest(reason="'on' must be true or false")
-    reason = _str_field(body, "reason", 200, required=on)
+    reason = str_field(body, "reason", 200, required=on)
     actor = _session(request).user.name
     row = server.set_test_mode(post_id, on, actor, reason)
     state.accounts.audit(actor, "test_mode_on" if on else "test_mode_off", post_id, reason,
@@ -533,10 +487,10 @@ async def users(request: web.Request) -> web.Response:
 @needs("users.manage")
 async def add_user(request: web.Request) -> web.Response:
     state = request.app[CONSOLE_KEY]
-    body = await _json_body(request)
-    name = _str_field(body, "name", 64)
-    role = _str_field(body, "role", 20)
-    password = _str_field(body, "password", 1024)
+    body = await json_body(request)
+    name = str_field(body, "name", 64)
+    role = str_field(body, "role", 20)
+    password = str_field(body, "password", 1024)
     if role not in ROLES:
         raise web.HTTPBadRequest(reason=f"role must be one of {', '.join(ROLES)}")
     actor = _session(request).user.name
@@ -560,7 +514,7 @@ def _user_name(request: web.Request) -> str:
 async def set_role(request: web.Request) -> web.Response:
     state = request.app[CONSOLE_KEY]
     name = _user_name(request)
-    role = _str_field(await _json_body(request), "role", 20)
+    role = str_field(await json_body(request), "role", 20)
     try:
         state.accounts.set_role(name, role, _session(request).user.name, request.remote or "")
     except UserError as exc:
@@ -573,7 +527,7 @@ async def set_role(request: web.Request) -> web.Response:
 async def set_disabled(request: web.Request) -> web.Response:
     state = request.app[CONSOLE_KEY]
     name = _user_name(request)
-    disabled = (await _json_body(request)).get("disabled")
+    disabled = (await json_body(request)).get("disabled")
     if not isinstance(disabled, bool):
         raise web.HTTPBadRequest(reason="'disabled' must be true or false")
     try:
@@ -590,7 +544,7 @@ async def set_disabled(request: web.Request) -> web.Response:
 async def reset_password(request: web.Request) -> web.Response:
     state = request.app[CONSOLE_KEY]
     name = _user_name(request)
-    password = _str_field(await _json_body(request), "password", 1024)
+    password = str_field(await json_body(request), "password", 1024)
     try:
         password_hash = await asyncio.to_thread(state.accounts.hash_password, password)
     except UserError as exc:
