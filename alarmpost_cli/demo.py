@@ -560,6 +560,8 @@ class Demo:
         lines.append(row(f"deployment   {self.directory} ({where})", _DIM))
         lines.append(row(f"HTTP API     {self.api_url}/api/posts · bearer token: api_token in "
                          f"{self.dep.server_config.name}", _DIM))
+        lines.append(row(f"console      {self.api_url}/console/ · log in as {self.console_login[0]}, "
+                         f"password {self.console_login[1]}", _BOLD))
         lines.append(row(f"incidents close by themselves {AUTO_RESOLVE_S:.0f} s after their last "
                          "press (demo setting)", _DIM))
         lines.append("")
