@@ -1,4 +1,4 @@
-"""The read-only HTTP API (JSON) and ``/metrics``. Every endpoint wants the bearer token.
+"""The HTTP API (JSON) and ``/metrics``. Every endpoint wants the bearer token.
 
 GET /api/posts                    every registered post with its live state and health
 GET /api/posts/{id}
@@ -8,6 +8,8 @@ GET /api/events?post=P001&limit=100
 GET /api/faults?open=1&limit=100
 GET /api/teams                    patrol teams with live status, position and current incident
 GET /api/teams/{id}
+POST /api/teams                   register a team (as `alarmpost patrol team add`)
+DELETE /api/teams/{id}            remove a team (409 while it has a page or an assignment)
 GET /metrics                      Prometheus text format
 GET /healthz                      "ok" once connected to the broker
 

@@ -7,12 +7,15 @@ import json
 import subprocess
 import time
 
+import aiohttp
 import aiomqtt
 import pytest
 
 from firmware_sim.patrol import SimTeam, load_team_config
 from protocol.messages import TeamPosition, encode
 from protocol.topics import team_topic
+from provisioning import deployment as d
+from server.app import CentralServer
 from server.patrol import TeamError, make_team
 from tests.helpers import ALARMPOST, MakeDeployment, api, run_posts, run_server, until
 from tests.patrol_helpers import TeamSpec, add_teams, run_teams, team_start
@@ -178,3 +181,37 @@ def msgspec_decode(payload: bytes) -> object:
     from protocol.messages import Page
 
     return msgspec.json.decode(payload, type=Page)
+
+
+async def test_teams_are_managed_through_the_api(deployment: d.Deployment, server: CentralServer
+                                                 ) -> None:
+    base = f"http://127.0.0.1:{deployment.http_port}/api/teams"
+    auth = {"Authorization": f"Bearer {deployment.api_token}"}
+    team = {"id": "T9", "name": "Night car", "contacts": ["+86 591 0000"],
+            "zone_posts": ["P001", "P002"], "shift": "19:00-07:00"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base, json=team) as resp:
+            assert resp.status == 401  # the token is needed here too
+        async with http.post(base, json=team, headers=auth) as resp:
+            assert resp.status == 201, await resp.text()
+            assert (await resp.json())["id"] == "T9"
+        assert "T9" in server.dispatcher.teams  # the running dispatcher knows it at once
+        async with http.post(base, json=team, headers=auth) as resp:
+            assert resp.status == 409
+        for bad in [{"id": "a/b"}, {"id": "T8", "zone_polygon": [[200, 0], [0, 0], [1, 1]]},
+                    {"id": "T8", "contacts": "not a list"}, {"id": "T8", "shift": "25:00-26:00"},
+                    {"id": "T8", "colour": "red"}, ["T8"]]:
+            async with http.post(base, json=bad, headers=auth) as resp:
+                assert resp.status == 400, bad
+                assert "error" in await resp.json()
+        assert set(server.dispatcher.teams) == {"T9"}
+        # A team on an incident cannot be removed from under it.
+        server.dispatcher.committed["T9"] = "INCIDENT"
+        async with http.delete(f"{base}/T9", headers=auth) as resp:
+            assert resp.status == 409
+        del server.dispatcher.committed["T9"]
+        async with http.delete(f"{base}/T9", headers=auth) as resp:
+            assert resp.status == 200
+        async with http.delete(f"{base}/T9", headers=auth) as resp:
+            assert resp.status == 404
+    assert server.dispatcher.teams == {}
