@@ -36,7 +36,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -59,7 +59,16 @@ from server.console.auth import (
 from server.dispatch import NotifierUnavailable
 from server.incidents import CLASSIFICATIONS
 from server.patrol import Team, TeamError, ensure_schema
-from server.webutil import error, json_body, refuse, run_handler, same_origin, str_field
+from server.webutil import (
+    Handler,
+    error,
+    forgery_refusal,
+    json_body,
+    refuse,
+    run_handler,
+    same_origin,
+    str_field,
+)
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -89,7 +98,6 @@ CREATE TABLE IF NOT EXISTS team_sessions (
 );
 """
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 H = TypeVar("H", bound=Handler)
 
 
@@ -312,14 +320,9 @@ async def patrol_guard(request: web.Request, handler: Handler) -> web.StreamResp
             if request.method == "GET" and request.path in (PREFIX, PREFIX + "/"):
                 raise web.HTTPFound(f"{PREFIX}/login")
             return _refuse(app, request, 401, "no_session", "log in first")
-        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
-        if changes_state or websocket:
-            if not same_origin(request, required=websocket):
-                return _refuse(app, request, 403, "origin", "cross-origin request refused")
-            given = (request.query.get("csrf", "") if websocket
-                     else request.headers.get(CSRF_HEADER, ""))
-            if not same_token(given, session.csrf):
-                return _refuse(app, request, 403, "csrf", "missing or wrong CSRF token")
+        forged = forgery_refusal(request, session.csrf, CSRF_HEADER, changes_state)
+        if forged is not None:
+            return _refuse(app, request, 403, *forged)
         request[SESSION_KEY] = session
     elif changes_state and not same_origin(request, required=False):
         return _refuse(app, request, 403, "origin", "cross-origin request refused")

@@ -4,6 +4,7 @@ handler into a clean JSON answer (never a traceback) with the usual security hea
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,22 @@ def same_origin(request: web.Request, required: bool) -> bool:
     if origin is None:
         return not required
     return urlsplit(origin).netloc == request.host
+
+
+def forgery_refusal(request: web.Request, csrf: str, header: str,
+                    changes_state: bool) -> tuple[str, str] | None:
+    """For a request made in a session: a WebSocket, or a request that changes state, must come
+    from our own origin and carry the session's CSRF token (in ``header``, or ``?csrf=`` on a
+    WebSocket, which cannot set headers). ``(reason, message)`` to refuse, or None."""
+    websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+    if not (changes_state or websocket):
+        return None
+    if not same_origin(request, required=websocket):
+        return "origin", "cross-origin request refused"
+    given = request.query.get("csrf", "") if websocket else request.headers.get(header, "")
+    if not (given and hmac.compare_digest(given.encode(), csrf.encode())):
+        return "csrf", "missing or wrong CSRF token"
+    return None
 
 
 async def run_handler(metrics: Metrics, request: web.Request, handler: Handler, *,

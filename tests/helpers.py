@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -215,3 +216,70 @@ def db_rows(dep: d.Deployment, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+class BrowserClient:
+    """A browser-like client of one of the server's web apps (``prefix`` "/console" or
+    "/patrol"): its own cookie jar, the session's CSRF token, same-origin headers."""
+
+    prefix = ""
+    login_field = "name"
+    default_password = ""
+
+    def __init__(self, dep: d.Deployment) -> None:
+        self.base = f"http://127.0.0.1:{dep.http_port}"
+        self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self.csrf = ""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.close()
+
+    @property
+    def origin(self) -> dict[str, str]:
+        return {"Origin": self.base}
+
+    async def login(self, who: str, password: str | None = None) -> aiohttp.ClientResponse:
+        """Fetch the login page (its pre-login CSRF token), then log in as ``who``."""
+        async with self.http.get(f"{self.base}{self.prefix}/login") as resp:
+            page = await resp.text()
+        match = re.search(r'name="csrf" content="([^"]+)"', page)
+        assert match, page[:300]
+        credentials = {self.login_field: who,
+                       "password": self.default_password if password is None else password}
+        async with self.http.post(
+            f"{self.base}{self.prefix}/api/login", json=credentials,
+            headers={"X-CSRF-Token": match.group(1), **self.origin},
+        ) as resp:
+            if resp.status == 200:
+                self.csrf = (await resp.json())["csrf"]
+            await resp.read()
+            return resp
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.http.get(f"{self.base}{path}", allow_redirects=False) as resp:
+            body = await resp.json() if resp.content_type == "application/json" else await resp.text()
+            return resp.status, body
+
+    async def post(self, path: str, body: Any = None, *, csrf: str | None = None,
+                   origin: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:
+        headers = {"Origin": origin if origin is not None else self.base}
+        token = self.csrf if csrf is None else csrf
+        if token:
+            headers["X-CSRF-Token"] = token
+        kwargs: dict[str, Any] = {"data": raw} if raw is not None else {
+            "json": body if body is not None else {}}
+        async with self.http.post(f"{self.base}{path}", headers=headers, allow_redirects=False,
+                                  **kwargs) as resp:
+            data = await resp.json() if resp.content_type == "application/json" else await resp.text()
+            return resp.status, data
+
+    async def ws(self, *, csrf: str | None = None,
+                 origin: str | None = None) -> aiohttp.ClientWebSocketResponse:
+        token = self.csrf if csrf is None else csrf
+        return await self.http.ws_connect(
+            f"{self.base}{self.prefix}/ws?csrf={token}",
+            headers={"Origin": origin if origin is not None else self.base},
+        )

@@ -35,6 +35,7 @@ class PahoPost:
                                   protocol=paho.MQTTv5)
         self.client.username_pw_set(user, password)
         self.acks: dict[int, int] = {}
+        self.subacks: set[int] = set()
         self.connack: Any = None
         self.received: list[str] = []
         self._cond = threading.Condition()
@@ -50,11 +51,19 @@ class PahoPost:
                 self._cond.notify_all()
 
         def on_message(client: Any, userdata: Any, message: Any) -> None:
-            self.received.append(message.topic)
+            with self._cond:
+                self.received.append(message.topic)
+                self._cond.notify_all()
+
+        def on_subscribe(client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+            with self._cond:
+                self.subacks.add(mid)
+                self._cond.notify_all()
 
         self.client.on_connect = on_connect
         self.client.on_publish = on_publish
         self.client.on_message = on_message
+        self.client.on_subscribe = on_subscribe
         self.client.connect("127.0.0.1", dep.broker_port)
         self.client.loop_start()
         with self._cond:
@@ -66,6 +75,16 @@ class PahoPost:
         with self._cond:
             assert self._cond.wait_for(lambda: info.mid in self.acks, 5), "no PUBACK"
             return self.acks[info.mid]
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe (QoS 1) and wait for the broker's SUBACK."""
+        _, mid = self.client.subscribe(topic, qos=1)
+        with self._cond:
+            assert self._cond.wait_for(lambda: mid in self.subacks, 5), "no SUBACK"
+
+    def wait_received(self, topic: str) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: topic in self.received, 5), f"nothing on {topic}"
 
     def close(self) -> None:
         self.client.disconnect()
@@ -121,14 +140,18 @@ async def test_post_cannot_read_another_posts_acks(
     p2 = await asyncio.to_thread(PahoPost, deployment, *credentials(deployment, "P002"))
     p1 = await asyncio.to_thread(PahoPost, deployment, *credentials(deployment, "P001"))
     try:
-        p2.client.subscribe("alarmpost/v1/post/+/ack", qos=1)
-        p2.client.subscribe("alarmpost/v1/#", qos=1)
-        p1.client.subscribe("alarmpost/v1/post/P001/ack", qos=1)
-        await asyncio.sleep(0.2)  # subscriptions are not refused in Mosquitto 2.0; let them land
+        # Mosquitto 2.0 never refuses a subscription: it filters what it delivers.
+        for topic in ["alarmpost/v1/post/+/ack", "alarmpost/v1/#"]:
+            await asyncio.to_thread(p2.subscribe, topic)
+        await asyncio.to_thread(p1.subscribe, "alarmpost/v1/post/P001/ack")
         assert await asyncio.to_thread(p1.publish, "alarmpost/v1/post/P001/event",
                                        valid_event("P001")) == 0
-        await until(lambda: "alarmpost/v1/post/P001/ack" in p1.received, 5, "P001's ACK")
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(p1.wait_received, "alarmpost/v1/post/P001/ack")
+        # P002's own ACK comes after P001's on the same server session: once it is here,
+        # anything of P001's that P002 could read would have arrived first.
+        assert await asyncio.to_thread(p2.publish, "alarmpost/v1/post/P002/event",
+                                       valid_event("P002")) == 0
+        await asyncio.to_thread(p2.wait_received, "alarmpost/v1/post/P002/ack")
         assert not any("/P001/" in topic for topic in p2.received)
     finally:
         await asyncio.to_thread(p1.close)

@@ -38,7 +38,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit
@@ -59,7 +59,16 @@ from server.console.auth import (
     same_token,
 )
 from server.incidents import CLASSIFICATIONS, STATES, InvalidTransition
-from server.webutil import error, json_body, refuse, run_handler, same_origin, str_field
+from server.webutil import (
+    Handler,
+    error,
+    forgery_refusal,
+    json_body,
+    refuse,
+    run_handler,
+    same_origin,
+    str_field,
+)
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -71,8 +80,8 @@ PUBLIC: Final = "public"
 STATIC_DIR: Final = Path(__file__).parent / "static"
 MAX_WS_MESSAGE: Final = 64 * 1024
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 H = TypeVar("H", bound=Handler)
+T = TypeVar("T")
 
 
 class ConsoleState:
@@ -149,15 +158,9 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
         if not session.user.may(permission):
             return _refuse(server, request, 403, "role",
                            f"your role ({session.user.role}) may not do this")
-        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
-        if changes_state or websocket:
-            # Browsers always send Origin on WebSockets and cross-origin POSTs.
-            if not same_origin(request, required=websocket):
-                return _refuse(server, request, 403, "origin", "cross-origin request refused")
-            given = (request.query.get("csrf", "") if websocket
-                     else request.headers.get(CSRF_HEADER, ""))
-            if not same_token(given, session.csrf):
-                return _refuse(server, request, 403, "csrf", "missing or wrong CSRF token")
+        forged = forgery_refusal(request, session.csrf, CSRF_HEADER, changes_state)
+        if forged is not None:
+            return _refuse(server, request, 403, *forged)
         request[SESSION_KEY] = session
     elif changes_state and not same_origin(request, required=False):
         return _refuse(server, request, 403, "origin", "cross-origin request refused")
@@ -342,22 +345,28 @@ async def resolve(request: web.Request) -> web.Response:
                        classification=classification)
 
 
-@needs("incidents.handle")
-async def page_team(request: web.Request) -> web.Response:
+def _dispatch(server: CentralServer, action: Callable[[], T]) -> T:
+    """Run an operator override on the dispatcher; what it refuses is a counted 409."""
     from server.dispatch import DispatchError
 
+    try:
+        return action()
+    except (DispatchError, LookupError) as exc:
+        server.metrics.inc("console_refused_total", reason="dispatch")
+        raise web.HTTPConflict(reason=str(exc)[:200]) from None
+
+
+@needs("incidents.handle")
+async def page_team(request: web.Request) -> web.Response:
     server = request.app[CONSOLE_KEY].server
     incident_id = request.match_info["incident_id"]
     if server.storage.incident(incident_id) is None:
         raise web.HTTPNotFound(reason="no such incident")
     body = await json_body(request)
     team_id = str_field(body, "team_id", 64)
-    try:
-        page_id = server.dispatcher.page_team(incident_id, team_id, _session(request).user.name,
-                                              "paged from the console")
-    except (DispatchError, LookupError) as exc:
-        server.metrics.inc("console_refused_total", reason="dispatch")
-        raise web.HTTPConflict(reason=str(exc)[:200]) from None
+    user = _session(request).user.name
+    page_id = _dispatch(server, lambda: server.dispatcher.page_team(
+        incident_id, team_id, user, "paged from the console"))
     return web.json_response({"page_id": page_id,
                               "dispatch": server.dispatcher.incident_summary(incident_id)})
 
@@ -370,38 +379,28 @@ async def _reason(request: web.Request) -> str:
 @needs("incidents.handle")
 async def cancel_page(request: web.Request) -> web.Response:
     """Stop paging one team (the dispatcher goes on to the next); audited on the incident."""
-    from server.dispatch import DispatchError
-
     server = request.app[CONSOLE_KEY].server
     incident_id, page_id = request.match_info["incident_id"], request.match_info["page_id"]
     summary = server.dispatcher.incident_summary(incident_id)
     if summary is None or not any(p["id"] == page_id for p in summary["pages"]):
         raise web.HTTPNotFound(reason="no such page on this incident")
     reason = await _reason(request)
-    try:
-        server.dispatcher.cancel_page(page_id, _session(request).user.name, reason)
-    except DispatchError as exc:
-        server.metrics.inc("console_refused_total", reason="dispatch")
-        raise web.HTTPConflict(reason=str(exc)[:200]) from None
+    user = _session(request).user.name
+    _dispatch(server, lambda: server.dispatcher.cancel_page(page_id, user, reason))
     return web.json_response({"dispatch": server.dispatcher.incident_summary(incident_id)})
 
 
 @needs("incidents.handle")
 async def redispatch(request: web.Request) -> web.Response:
     """Start dispatch over, leaving out the team that has or was paged for it."""
-    from server.dispatch import DispatchError
-
     server = request.app[CONSOLE_KEY].server
     incident_id = request.match_info["incident_id"]
     if server.storage.incident(incident_id) is None:
         raise web.HTTPNotFound(reason="no such incident")
     reason = await _reason(request)
-    try:
-        server.dispatcher.redispatch(incident_id, _session(request).user.name,
-                                     reason or "re-dispatched from the console")
-    except DispatchError as exc:
-        server.metrics.inc("console_refused_total", reason="dispatch")
-        raise web.HTTPConflict(reason=str(exc)[:200]) from None
+    user = _session(request).user.name
+    _dispatch(server, lambda: server.dispatcher.redispatch(
+        incident_id, user, reason or "re-dispatched from the console"))
     return web.json_response({"dispatch": server.dispatcher.incident_summary(incident_id)})
 
 
