@@ -64,6 +64,7 @@ class _PostLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 AckListener = Callable[[Ack, float], None]
 PressListener = Callable[[Event], None]
+SentListener = Callable[[str, int], None]  # (event id, attempt): the broker took a publish
 
 
 class _MqttClient(aiomqtt.Client):
@@ -101,6 +102,7 @@ class EdgeAgent:
         self.server_online = False
         self.ack_listeners: list[AckListener] = []
         self.press_listeners: list[PressListener] = []
+        self.sent_listeners: list[SentListener] = []
         self._inflight: OrderedDict[str, _InFlight] = OrderedDict(
             (p.id, _InFlight(p)) for p in self.outbox.pending()
         )
@@ -315,8 +317,10 @@ class EdgeAgent:
                 if item.entry.id not in self._inflight:
                     continue  # acknowledged while we were publishing
                 if item.next_try <= now:
-                    await client.publish(topic, item.entry.payload, qos=1)
+                    await client.publish(topic, item.entry.payload, qos=1)  # returns on PUBACK
                     item.attempts += 1
+                    for listener in self.sent_listeners:
+                        listener(item.entry.id, item.attempts)
                     if item.attempts > 1:
                         self.counters["resends"] += 1
                         self.log.info("resent event %s (attempt %d)", item.entry.id, item.attempts)

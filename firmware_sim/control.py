@@ -1,6 +1,6 @@
 """``alarmpost sim``: simulated posts in one process, driven at random or from stdin.
 
-Every accepted event and every ACK is printed on stdout as one JSON line, so a script (or a
+Every accepted event, every publish the broker took (``sent``) and every ACK is printed on stdout as one JSON line, so a script (or a
 test) can drive the fleet and watch it: ``{"type": "ack", "post": ..., "event_id": ...}``.
 """
 
@@ -80,6 +80,10 @@ def run_sim(args: argparse.Namespace) -> int:
             )
             post.agent.press_listeners.append(
                 lambda ev: emit(type="event", post=ev.post, event_id=ev.id, seq=ev.seq, at=ev.ts)
+            )
+            post.agent.sent_listeners.append(
+                lambda event_id, attempt, post_id=post.post_id: emit(
+                    type="sent", post=post_id, event_id=event_id, attempt=attempt)
             )
         fleet.start()
         tasks = []

@@ -35,6 +35,11 @@ Ulid = Annotated[str, msgspec.Meta(pattern=r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
 Timestamp = Annotated[float, msgspec.Meta(ge=1_577_836_800.0, le=4_102_444_800.0)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 Text = Annotated[str, msgspec.Meta(max_length=200)]
+# The lifetime of a post's outbox: random, made when the outbox is created. A post whose storage
+# was wiped starts a new epoch (its sequence numbers start again at 1); "" for unknown.
+Epoch = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z]{0,32}$")]
+# A condition a post reports about itself in its heartbeat ("storage", "session_taken_over").
+FaultCode = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z_]{0,31}$")]
 
 
 class _Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -50,6 +55,7 @@ class Event(_Message, frozen=True, kw_only=True):
     ts: Timestamp
     type: Literal["alarm", "test"] = "alarm"
     hold_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0
+    epoch: Epoch = ""
 
 
 class Heartbeat(_Message, frozen=True, kw_only=True):
@@ -65,6 +71,7 @@ class Heartbeat(_Message, frozen=True, kw_only=True):
     siren: bool
     help: bool
     silent: bool = False
+    faults: Annotated[tuple[FaultCode, ...], msgspec.Meta(max_length=8)] = ()
 
 
 class Status(_Message, frozen=True, kw_only=True):
