@@ -4,11 +4,16 @@ Every payload is a JSON object with ``v`` (the protocol version) and ``post`` (t
 about). Decoding is strict: unknown fields, wrong types, out-of-range values, oversized payloads,
 another version, or a body naming a different post than its topic are all :class:`Rejected`, with a
 short machine-readable ``reason`` that callers count and log.
+
+Input is bounded before it is parsed: its size (:data:`MAX_PAYLOAD_BYTES`, larger for call
+signaling) and its nesting depth (:data:`MAX_JSON_DEPTH`, counted by a byte scan that skips
+strings), so no payload can make a decoder recurse: ``"oversized"``, ``"too_deep"``, ``"empty"``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
@@ -28,6 +33,8 @@ from protocol.topics import (
 PROTOCOL_VERSION: Final = 1
 MAX_PAYLOAD_BYTES: Final = 4096
 MAX_CALL_PAYLOAD_BYTES: Final = 32768  # a call offer/answer carries an SDP (~3-6 kB)
+# The deepest legitimate message is an object holding a list (a heartbeat's faults): depth 2.
+MAX_JSON_DEPTH: Final = 8
 
 PostId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 Ulid = Annotated[str, msgspec.Meta(pattern=r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
@@ -246,6 +253,8 @@ class Rejected(ValueError):
         "malformed",
         "unknown_version",
         "invalid",
+        "too_deep",
+        "empty",
         "post_mismatch",
         "unknown_post",
         "wrong_post",
@@ -277,10 +286,42 @@ def encode(message: AnyMessage) -> bytes:
 _M = TypeVar("_M", bound=msgspec.Struct)
 
 
-def _decode(payload: bytes, cls: type[_M]) -> _M:
-    limit = MAX_CALL_PAYLOAD_BYTES if cls is CallSignal else MAX_PAYLOAD_BYTES
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(payload: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply ``[``/``{`` nest in ``payload`` outside strings; stops counting past ``limit``.
+
+    A byte scan, not a parse, so it cannot recurse: run it before any decoder sees the payload.
+    Unbalanced or unterminated input is counted as written (a later decode refuses it).
+    """
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', payload)):
+        if match.group() in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        else:
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def check_bounds(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> None:
+    """Refuse what no decoder may see: empty, bigger than ``limit``, nested too deeply."""
+    if not payload:
+        raise Rejected("empty", "no payload (a cleared retained message?)")
     if len(payload) > limit:
         raise Rejected("oversized", f"{len(payload)} bytes > {limit}")
+    brackets = payload.count(b"[") + payload.count(b"{")  # cannot nest deeper than it has
+    if brackets > MAX_JSON_DEPTH and json_depth(payload) > MAX_JSON_DEPTH:
+        raise Rejected("too_deep", f"nesting deeper than {MAX_JSON_DEPTH} ({len(payload)} bytes)")
+
+
+def _decode(payload: bytes, cls: type[_M]) -> _M:
+    check_bounds(payload, MAX_CALL_PAYLOAD_BYTES if cls is CallSignal else MAX_PAYLOAD_BYTES)
     decoder = _decoders.get(cls)
     if decoder is None:
         decoder = _decoders[cls] = msgspec.json.Decoder(cls)
@@ -289,13 +330,15 @@ def _decode(payload: bytes, cls: type[_M]) -> _M:
     except msgspec.ValidationError as exc:
         try:
             version = msgspec.json.decode(payload, type=_Envelope).v
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             version = PROTOCOL_VERSION
         if version != PROTOCOL_VERSION:
             raise Rejected("unknown_version", f"v={str(version)[:20]!r}") from None
         raise Rejected("invalid", str(exc)[:200]) from None
     except msgspec.DecodeError as exc:
         raise Rejected("malformed", str(exc)[:200]) from None
+    except RecursionError:  # unreachable with the depth bound; never let it escape anyway
+        raise Rejected("too_deep", f"{len(payload)} bytes") from None
     for name in message.__struct_fields__:
         value = getattr(message, name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -29,6 +29,7 @@ from protocol import (
     valid_post_id,
     valid_ulid,
 )
+from protocol.messages import MAX_JSON_DEPTH, json_depth
 
 NOW = time.time()
 EVENT = Event(id=new_ulid(), post="P001", seq=7, ts=NOW, hold_ms=120)
@@ -75,7 +76,11 @@ def _event_doc(**changes: object) -> bytes:
     "topic,payload,reason",
     [
         ("alarmpost/v1/post/P001/event", b"{not json", "malformed"),
-        ("alarmpost/v1/post/P001/event", b"", "malformed"),
+        ("alarmpost/v1/post/P001/event", b"", "empty"),
+        ("alarmpost/v1/post/P001/event", b'{"v":' + b"[" * 4000, "too_deep"),
+        ("alarmpost/v1/post/P001/callstate", b'{"v":' + b"[" * 4000, "too_deep"),
+        ("alarmpost/v1/post/P001/heartbeat", b"[" * 2000, "too_deep"),
+        ("alarmpost/v1/post/P001/status", b'{"a":' * 800, "too_deep"),
         ("alarmpost/v1/post/P001/event", b"[]", "invalid"),
         ("alarmpost/v1/post/P001/event", _event_doc(v=2), "unknown_version"),
         ("alarmpost/v1/post/P001/event", _event_doc(v="1"), "unknown_version"),
@@ -106,6 +111,39 @@ def test_non_finite_numbers_are_rejected() -> None:
     with pytest.raises(Rejected) as info:
         decode_from_post("alarmpost/v1/post/P001/heartbeat", doc)
     assert info.value.reason == "invalid"
+
+
+def test_nesting_is_measured_outside_strings_and_bounded_before_decoding() -> None:
+    assert json_depth(encode(EDGE["heartbeat"])) <= 2
+    assert json_depth(b'{"a":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}') == 1
+    assert json_depth(b'{"a":"\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}') == 1
+    assert json_depth(b"[" * 9) == 9
+    assert json_depth(b"[]" * 100) == 1
+    # A depth just inside the bound reaches the decoder (and is refused there as invalid).
+    inside = b'{"v":' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    with pytest.raises(Rejected) as info:
+        decode_from_post("alarmpost/v1/post/P001/event", inside)
+    assert info.value.reason == "unknown_version"
+    for deep in (b"[" * (MAX_JSON_DEPTH + 1), b'{"v":' + b"[" * 100_000):
+        with pytest.raises(Rejected) as info:
+            decode_from_post("alarmpost/v1/post/P001/callstate", deep[:MAX_PAYLOAD_BYTES])
+        assert info.value.reason == "too_deep"
+
+
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c,
+                                                                        max_size=3),
+                    max_leaves=40))
+@settings(max_examples=300, deadline=None)
+def test_json_depth_matches_the_real_nesting(doc: object) -> None:
+    def depth(value: object) -> int:
+        if isinstance(value, list):
+            return 1 + max((depth(v) for v in value), default=0)
+        if isinstance(value, dict):
+            return 1 + max((depth(v) for v in value.values()), default=0)
+        return 0
+
+    assert json_depth(json.dumps(doc).encode(), limit=1000) == depth(doc)
 
 
 def test_edge_refuses_messages_for_another_post() -> None:
