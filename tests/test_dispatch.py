@@ -116,7 +116,16 @@ async def test_two_alarms_get_two_teams_and_one_team_queues_the_second(
         await asyncio.gather(posts["P001"].press(), posts["P002"].press())
         a, b = await asyncio.gather(teams["A"].wait_page(5), teams["B"].wait_page(5))
         assert {a.post, b.post} == {"P001", "P002"} and a.incident != b.incident
-        await asyncio.sleep(0)  # nothing else is paged:
+        # Nothing else was paged: the dispatcher's own record of each incident holds one page,
+        # and each team has received exactly the one page it was sent.
+        for page in (a, b):
+            summary = server.dispatcher.incident_summary(page.incident)
+            assert summary is not None
+            assert [(p["team_id"], p["kind"]) for p in summary["pages"]] == [(page.team, "direct")]
+        await until(lambda: all(p.published_at for j in server.dispatcher.jobs.values()
+                                for p in j.pages.values()), 5, "every page handed to the broker")
+        await teams["A"].wait_for(lambda t: len(t.pages) == 1, 5, "A's page")
+        await teams["B"].wait_for(lambda t: len(t.pages) == 1, 5, "B's page")
         assert len(teams["A"].pages) == 1 and len(teams["B"].pages) == 1
 
     dep = make_deployment(2)
@@ -213,3 +222,34 @@ async def test_operator_overrides(make_deployment: MakeDeployment) -> None:
         actions = [(a["actor"], a["action"]) for a in server.storage.audit(incident)]
     assert ("op:alice", "paged") in actions and ("op:alice", "page_cancelled") in actions
     assert ("op:bob", "redispatch") in actions
+
+
+async def test_an_operator_cannot_page_a_team_busy_on_another_incident(
+    make_deployment: MakeDeployment,
+) -> None:
+    from server.dispatch import DispatchError
+
+    dep = make_deployment(2)
+    specs = [TeamSpec("A", 1.0), TeamSpec("B", 3.0)]
+    add_teams(dep, specs, answer_timeout_s=10.0)
+    async with run_server(dep) as server, run_teams(dep, server, specs) as teams, \
+            run_posts(dep) as posts:
+        await posts["P001"].press()
+        first = await teams["A"].wait_page(5)
+        await teams["A"].answer(first, "accept")
+        await until(lambda: server.dispatcher.committed.get("A") == first.incident, 5, "A assigned")
+        await posts["P002"].press()
+        second = await teams["B"].wait_page(5)
+        assert second.incident != first.incident
+        try:
+            server.dispatcher.page_team(second.incident, "A", "op:alice", "A is closer")
+        except DispatchError as exc:
+            assert "busy" in str(exc)
+        else:
+            raise AssertionError("a team busy on another incident was paged")
+        # Nothing changed: A keeps its incident, B's page stands, A got no second page.
+        assert server.dispatcher.committed.get("A") == first.incident
+        summary = server.dispatcher.incident_summary(second.incident)
+        assert summary is not None
+        assert [(p["team_id"], p["state"]) for p in summary["pages"]] == [("B", "waiting")]
+        assert list(teams["A"].pages) == [first.id]

@@ -25,6 +25,7 @@ from protocol.messages import Ack, Command, CommandResult, Event, encode
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
+from server.console.auth import Accounts
 from tests.helpers import (
     MakeDeployment,
     ServerProcess,
@@ -304,3 +305,38 @@ async def test_a_duplicate_resend_is_acknowledged_as_duplicate_and_not_stored(
     assert acks[0].event_id == acks[1].event_id and acks[0].incident_id == acks[1].incident_id
     assert db_rows(deployment, "SELECT COUNT(*) FROM events") == [(1,)]
     assert server.metrics.value("events_duplicate_total") == 1
+
+
+# The tables whose rows are evidence: nobody may change or remove them, not even the server.
+AUDIT_TABLES = ("audit", "console_audit")
+
+
+async def test_every_audit_table_refuses_update_and_delete(
+    deployment: d.Deployment, server: CentralServer
+) -> None:
+    """Promise: the incident audit log and the console's audit log are append-only, enforced by
+    the database itself (an auditor's own connection cannot rewrite history either)."""
+    async with run_posts(deployment, "P001") as posts:
+        await posts["P001"].press()
+        await until(lambda: posts["P001"].agent.outbox_depth == 0, 5, "ACK")
+    Accounts(server.storage.db).add_user(  # type: ignore[attr-defined]
+        "alice", "admin", "correct horse battery", actor="test")  # a console audit row
+    conn = sqlite3.connect(deployment.directory / "server.db")
+    try:
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '%audit%'")}
+        assert tables == set(AUDIT_TABLES), "a new audit table must be listed (and tested) here"
+        for table in AUDIT_TABLES:
+            (count,) = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+            assert count >= 1, f"{table} has no row to try on"
+            for sql in (f"UPDATE {table} SET actor='forger'", f"DELETE FROM {table}"):
+                try:
+                    conn.execute(sql)
+                except sqlite3.IntegrityError as exc:
+                    assert "append-only" in str(exc)
+                else:
+                    raise AssertionError(f"{sql!r} was allowed")
+                conn.rollback()
+            assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (count,)
+    finally:
+        conn.close()

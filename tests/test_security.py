@@ -183,11 +183,29 @@ async def test_forged_body_naming_another_post_is_refused_and_counted(
     assert db_rows(deployment, "SELECT COUNT(*) FROM incidents") == [(0,)]
 
 
-async def test_unregistered_post_is_refused(deployment: d.Deployment, server: CentralServer) -> None:
+async def test_unregistered_post_is_refused_before_the_committer(
+    deployment: d.Deployment, server: CentralServer
+) -> None:
+    # An unknown post's event and a registered post's event arrive together (one commit
+    # batch, were both let through): the unknown one is refused at the door, the other is
+    # committed and acknowledged as usual.
+    acks: list[tuple[str, bool]] = []
+    real_send = server._send_acks
+
+    async def send_acks(client: Any, batch: Any, results: Any) -> None:
+        acks.extend((res.event_id, res.duplicate) for res in results)
+        await real_send(client, batch, results)
+
+    server._send_acks = send_acks  # type: ignore[method-assign]
+    good = valid_event("P001")
     server.handle("alarmpost/v1/post/P999/event", valid_event("P999"))
+    server.handle("alarmpost/v1/post/P001/event", good)
     assert server.metrics.value("rejected_total", reason="unknown_post") == 1
-    await asyncio.sleep(0)
-    assert db_rows(deployment, "SELECT COUNT(*) FROM events") == [(0,)]
+    assert server.metrics.value("messages_in_total", kind="event") == 1
+    await until(lambda: acks, 5, "the registered post's event acknowledged")
+    assert acks == [(json.loads(good)["id"], False)]
+    assert db_rows(deployment, "SELECT post_id FROM events") == [("P001",)]
+    assert db_rows(deployment, "SELECT post_id FROM incidents") == [("P001",)]
 
 
 # ------------------------------------------------------------------------- garbage
