@@ -8,9 +8,14 @@
     DIR/posts.toml             the post registry the server validates against
     DIR/posts/{id}.toml        each post's edge config (its MQTT password: mode 0600)
     DIR/teams/{id}.toml        each patrol team's device config (MQTT user team-{id}: mode 0600)
+    DIR/accounts/{user}.toml   tool accounts: ``monitor`` (read-only), ``server-N`` (mode 0600)
 
 Posts are identified by their id, which is also their MQTT user name: the broker's ACL patterns
-(``%u``) give each post its own topics and nothing else.
+(``%u``) give each post its own topics and nothing else. The broker makes every client's id its
+user name, so no two clients may share an account: a tool that watches the traffic uses the
+read-only ``monitor`` account, and whatever else speaks as the server side (a second server
+instance, a test publishing commands) gets its own ``server-N`` account from
+:func:`add_server_account`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def _toml(sections: dict[str, dict[str, object]]) -> str:
 
 
 def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
     path.write_text(text)
@@ -95,6 +101,11 @@ class Deployment:
 
     def team_config(self, team_id: str) -> Path:
         return self.directory / "teams" / f"{team_id}.toml"
+
+    @property
+    def local_broker_host(self) -> str:
+        """The address a client beside the broker (server, tools) connects to."""
+        return "127.0.0.1" if self.listen in {"0.0.0.0", "::"} else self.listen
 
     def mosquitto(self) -> broker.Mosquitto:
         """This deployment's broker (one handle, so whoever started it can stop it)."""
@@ -170,8 +181,11 @@ def create(
         broker_host=broker_host,
     )
     server_password = new_secret()
-    accounts = {broker.SERVER_USER: server_password}
+    monitor_password = new_secret()
+    accounts = {broker.SERVER_USER: server_password, broker.MONITOR_USER: monitor_password}
     broker.write_broker_dir(dep.broker_dir, port=dep.broker_port, accounts=accounts, host=listen)
+    _write_account(dep, broker.MONITOR_USER, monitor_password,
+                   "Read-only broker account for tools that watch the traffic (benchmarks).")
     _write_secret(dep.server_config, _toml({
         "mqtt": {"host": "127.0.0.1" if wildcard else listen, "port": dep.broker_port,
                  "username": broker.SERVER_USER,
@@ -211,6 +225,9 @@ def add_post(
         raise ConfigError(f"invalid post id {spec.id!r}: use 1-64 letters, digits, '-' or '_'")
     if spec.id.lower().startswith(TEAM_USER_PREFIX):
         raise ConfigError(f"post ids may not start with {TEAM_USER_PREFIX!r} (patrol team accounts)")
+    if spec.id.lower().startswith(broker.SERVER_USER_PREFIX) or spec.id.lower() == broker.MONITOR_USER:
+        raise ConfigError(f"post id {spec.id!r} is reserved for the server side's broker accounts "
+                          f"({broker.SERVER_USER_PREFIX}*, {broker.MONITOR_USER})")
     passwd = dep.broker_dir / "passwd"
     existing = {line.split(":", 1)[0] for line in passwd.read_text().splitlines() if line}
     if spec.id in existing:
@@ -233,6 +250,51 @@ def add_post(
     }))
     dep.posts.append(spec)
     return path
+
+
+def account_config(dep: Deployment, user: str) -> Path:
+    """Where a tool account's connection settings live (``accounts/{user}.toml``)."""
+    return dep.directory / "accounts" / f"{user}.toml"
+
+
+def _write_account(dep: Deployment, user: str, password: str, what: str) -> Path:
+    path = account_config(dep, user)
+    _write_secret(path, f"# {what}\n" + _toml({
+        "mqtt": {"host": dep.local_broker_host, "port": dep.broker_port, "username": user,
+                 "password": password},
+    }))
+    return path
+
+
+def account_credentials(dep: Deployment, user: str) -> tuple[str, str]:
+    """(user, password) of a tool account written by :func:`create` or :func:`add_server_account`."""
+    path = account_config(dep, user)
+    try:
+        mqtt = tomllib.loads(path.read_text())["mqtt"]
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: this deployment has no {user!r} account") from None
+    return str(mqtt["username"]), str(mqtt["password"])
+
+
+def add_server_account(dep: Deployment, user: str) -> Path:
+    """A further broker account with the server's ACL (``server-1``, ``server-2``, ...).
+
+    The broker makes a client's id its user name, so two clients on one account take the session
+    from each other: a second server instance, or a tool that publishes as the server side, needs
+    its own account. Writes ``accounts/{user}.toml`` and rewrites the ACL; a running broker picks
+    both up on SIGHUP.
+    """
+    if user == broker.SERVER_USER or not broker.is_server_user(user):
+        raise ConfigError(f"invalid server-side account {user!r}: use {broker.SERVER_USER_PREFIX}"
+                          "NAME (1-57 letters, digits, '-' or '_')")
+    passwd = dep.broker_dir / "passwd"
+    if user in broker.password_file_users(passwd):
+        raise ConfigError(f"account {user!r} already exists in this deployment")
+    password = new_secret()
+    with passwd.open("a") as fh:
+        fh.write(f"{user}:{mosquitto_hash(password)}\n")
+    broker.write_acl(dep.broker_dir)
+    return _write_account(dep, user, password, "A server-side broker account (the server's ACL).")
 
 
 def add_team_account(dep: Deployment, team_id: str, name: str = "") -> Path:

@@ -283,3 +283,120 @@ class BrowserClient:
             f"{self.base}{self.prefix}/ws?csrf={token}",
             headers={"Origin": origin if origin is not None else self.base},
         )
+
+
+# ---------------------------------------------------------------------------- MQTT accounts
+def post_credentials(dep: d.Deployment, post_id: str) -> tuple[str, str]:
+    """(user, password) of a post's broker account, from its config file."""
+    import tomllib
+
+    return post_id, str(tomllib.loads(dep.post_config(post_id).read_text())["mqtt"]["password"])
+
+
+def monitor_credentials(dep: d.Deployment) -> tuple[str, str]:
+    """(user, password) of the deployment's read-only ``monitor`` account."""
+    from provisioning.broker import MONITOR_USER
+
+    return d.account_credentials(dep, MONITOR_USER)
+
+
+def server_side_credentials(dep: d.Deployment, name: str = "server-2") -> tuple[str, str]:
+    """(user, password) of an extra server-side account (the server's ACL), made on first use.
+
+    The broker client id is the user name, so a tool that publishes as the server side needs an
+    account of its own: borrowing the server's would disconnect the server. A running broker is
+    reloaded, and this returns once it has re-read its password and ACL files.
+    """
+    if not d.account_config(dep, name).exists():
+        d.add_server_account(dep, name)
+        broker = dep.mosquitto()
+        if broker.running:
+            broker.reload_and_wait()
+    return d.account_credentials(dep, name)
+
+
+class RawMqtt:
+    """A bare MQTT 5 client (paho, in its own thread) that shows what the broker did: CONNACK,
+    PUBACK and DISCONNECT reason codes. Blocking methods: call them with ``asyncio.to_thread``."""
+
+    def __init__(self, dep: d.Deployment, user: str, password: str, client_id: str, *,
+                 clean_start: bool = True) -> None:
+        import threading
+
+        import paho.mqtt.client as paho
+
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=paho.MQTTv5)
+        self.client.username_pw_set(user, password)
+        self.connack: int | None = None
+        self.assigned_id = ""  # the client id the broker says it gave us (MQTT 5), if any
+        self.acks: dict[int, int] = {}
+        self.received: list[tuple[str, bytes]] = []
+        self.disconnects: list[int] = []
+        self._cond = threading.Condition()
+
+        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            with self._cond:
+                self.connack = int(reason.value)
+                self.assigned_id = str(getattr(props, "AssignedClientIdentifier", "") or "")
+                self._cond.notify_all()
+
+        def on_disconnect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            with self._cond:
+                self.disconnects.append(int(reason.value))
+                self._cond.notify_all()
+
+        def on_publish(client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            with self._cond:
+                self.acks[mid] = int(reason.value)
+                self._cond.notify_all()
+
+        def on_subscribe(client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+            with self._cond:
+                self.acks[mid] = int(reasons[0].value)
+                self._cond.notify_all()
+
+        def on_message(client: Any, userdata: Any, message: Any) -> None:
+            with self._cond:
+                self.received.append((message.topic, bytes(message.payload)))
+                self._cond.notify_all()
+
+        self.client.on_connect = on_connect
+        self.client.on_disconnect = on_disconnect
+        self.client.on_publish = on_publish
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", dep.broker_port, clean_start=clean_start)
+        self.client.loop_start()
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.connack is not None, 5), "no CONNACK"
+
+    def publish(self, topic: str, payload: bytes, *, within: float = 5.0) -> int:
+        """Publish QoS 1; return the broker's PUBACK reason code."""
+        info = self.client.publish(topic, payload, qos=1)
+        with self._cond:
+            assert self._cond.wait_for(lambda: info.mid in self.acks, within), f"no PUBACK on {topic}"
+            return self.acks[info.mid]
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe (QoS 1) and wait for the broker's SUBACK."""
+        _, mid = self.client.subscribe(topic, qos=1)
+        with self._cond:
+            assert self._cond.wait_for(lambda: mid in self.acks, 5), "no SUBACK"
+
+    def wait_received(self, topic: str, within: float = 5.0) -> bytes:
+        with self._cond:
+            assert self._cond.wait_for(lambda: any(t == topic for t, _ in self.received), within), \
+                f"nothing on {topic}"
+            return next(p for t, p in self.received if t == topic)
+
+    def wait_disconnected(self, within: float = 5.0) -> int | None:
+        """The broker's DISCONNECT reason code, or None if still connected after ``within`` s."""
+        with self._cond:
+            if self._cond.wait_for(lambda: bool(self.disconnects), within):
+                return self.disconnects[0]
+            return None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -93,7 +93,9 @@ async def test_acl_gives_a_team_only_its_own_topics(make_deployment: MakeDeploym
     specs = [TeamSpec("A", 1.0), TeamSpec("B", 5.0)]
     add_teams(dep, specs, answer_timeout_s=10.0)
     password = load_team_config(dep.team_config("B")).mqtt.password
-    async with run_server(dep) as server, run_teams(dep, server, specs) as teams, \
+    # Only A's device runs: the snoop holds B's credential, and the broker lets one connection
+    # per credential live (B's device would take the session back from the snoop).
+    async with run_server(dep) as server, run_teams(dep, server, specs[:1]) as teams, \
             aiomqtt.Client("127.0.0.1", dep.broker_port, username="team-B",
                            password=password, identifier="snoop") as snoop:
         await snoop.subscribe(team_topic("A", "page"), qos=1)
@@ -113,6 +115,7 @@ async def test_acl_gives_a_team_only_its_own_topics(make_deployment: MakeDeploym
         reader = asyncio.create_task(read())
         await teams["A"].answer(page, "accept")
         await until(lambda: server.dispatcher.jobs[page.incident].team_id == "A", 5, "accepted")
+        assert not reader.done(), reader  # the snoop was still connected and reading
         reader.cancel()
         assert server.dispatcher.live["A"].lat != 0.0
         assert not [t for t in got if "/team/team-A/" in t or "/post/" in t], got
