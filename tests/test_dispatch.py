@@ -143,8 +143,12 @@ async def test_two_alarms_get_two_teams_and_one_team_queues_the_second(
         assert body["dispatch"]["state"] == "queued" and "busy" in body["dispatch"]["reason"]
         await teams["A"].answer(first, "accept")
         await teams["A"].answer(first, "on_scene")
-        await asyncio.sleep(0.2)
-        assert len(teams["A"].pages) == 1  # still busy: the second waits
+        # Once the server has taken the answer, the queued incident must still wait: A is busy.
+        await until(lambda: (server.dispatcher.incident_summary(first.incident) or {})
+                    .get("times", {}).get("on_scene_at"), 5, "on_scene recorded")
+        waiting = server.dispatcher.incident_summary(queued["incident_id"])
+        assert waiting is not None and waiting["state"] == "queued" and waiting["pages"] == []
+        assert len(teams["A"].pages) == 1
         await teams["A"].answer(first, "resolved", classification="help_request")
         second = await teams["A"].wait_page(5, count=2)
         assert second.incident == queued["incident_id"]
