@@ -177,7 +177,9 @@ class SimTeam:
                                               reason="connection lost")), qos=1, retain=True)
         async with aiomqtt.Client(
             m.host, m.port, username=self.user, password=m.password or None,
-            identifier=f"alarmpost-{self.user}", protocol=aiomqtt.ProtocolVersion.V5,
+            # The broker makes a client's id its user name anyway (use_username_as_clientid):
+            # ask for that, so the id in the broker's log is the one the session is kept under.
+            identifier=self.user, protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False, properties=props, will=will, keepalive=m.keepalive_s,
             timeout=10, socket_options=SOCKET_OPTIONS,
         ) as client:

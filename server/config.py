@@ -14,6 +14,9 @@ class MqttSection:
     port: int = 1883
     username: str = "server"
     password: str = ""
+    # What the server asks for. A broker with use_username_as_clientid (the generated one) makes
+    # every client's id its user name, so the server's persistent session is kept under
+    # ``username``: each server instance needs its own account (server, server-1, ...).
     client_id: str = "alarmpost-server"
     session_expiry_s: int = 7 * 24 * 3600
     keepalive_s: int = 15
