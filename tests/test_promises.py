@@ -21,7 +21,7 @@ import aiomqtt
 import msgspec
 import paho.mqtt.client as paho
 
-from protocol.messages import Ack, Command, CommandResult, Event, encode
+from protocol.messages import Ack, Command, CommandResult, Event, decode_from_server, encode
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
@@ -31,15 +31,11 @@ from tests.helpers import (
     ServerProcess,
     SimProcess,
     db_rows,
+    monitor_credentials,
     run_posts,
     run_server,
     until,
 )
-
-
-def monitor_credentials(dep: d.Deployment) -> tuple[str, str]:
-    server = tomllib.loads(dep.server_config.read_text())["mqtt"]
-    return server["username"], server["password"]
 
 
 class AckAuditor:
@@ -73,7 +69,9 @@ class AckAuditor:
             self._cond.notify_all()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        ack = msgspec.json.decode(message.payload, type=Ack)
+        post_id = message.topic.split("/")[3]
+        ack = decode_from_server(message.topic, message.payload, post_id)
+        assert isinstance(ack, Ack)
         committed = self.db.execute(
             "SELECT COUNT(*) FROM events WHERE id=? AND post_id=?", (ack.event_id, ack.post)
         ).fetchone()[0] == 1

@@ -1,0 +1,292 @@
+"""``alarmpost bench mutation``: does the test suite fail when the code breaks a promise?
+
+Runs mutmut (3.x) on the alarm-path modules and the security guards: it plants one small bug at a
+time (a flipped comparison, a dropped argument, a changed constant or string) and runs the tests
+that cover the function it changed (mutmut records which tests reach which function, then runs
+only those for each mutant, two at a time). A mutant the tests catch is *killed*; one they miss
+*survives*. Survivors are either killed by a new test or listed, with the reason, in
+``bench/mutation_equivalents.toml`` as equivalent (no test can tell them apart from the original).
+
+The run happens in a scratch copy of the working tree, never in it. In that copy, logging calls
+and metric help texts are marked ``# pragma: no mutate``: their text is read, not tested.
+
+Options (``KEY=VALUE``): ``modules`` (comma-separated paths; default the alarm path and the
+guards), ``tests`` (comma-separated test files; default those that exercise them), ``children``
+(parallel mutants, default 2), ``budget_s`` (stop after this long, default 1800), ``keep`` (1:
+keep the scratch copy and print where), ``target`` (score to meet on the alarm-path modules, 0.9).
+
+JSON: ``mutants``, ``killed``, ``survived``, ``timeout``, ``no_tests``, ``equivalent``, ``score``
+(killed / (mutants - equivalent)), ``alarm_path_score``, ``per_module`` (the same per module),
+``survivors`` (names of the unexplained survivors), ``elapsed_s``, ``complete``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENTS_FILE = Path(__file__).with_name("mutation_equivalents.toml")
+
+# The alarm path: a press on the post to the ACK back, and the codecs in between.
+ALARM_PATH = ("edge/agent.py", "edge/outbox.py", "server/app.py", "server/storage.py",
+              "protocol/messages.py", "protocol/topics.py")
+# The guards: sessions, permissions, login limits, the same-origin/CSRF check.
+GUARDS = ("server/console/auth.py", "server/webutil.py")
+DEFAULT_MODULES = ALARM_PATH + GUARDS
+
+# Tests that exercise those modules (browser tests and benchmarks excluded: too slow per mutant).
+DEFAULT_TESTS = (
+    "tests/test_promises.py", "tests/test_alarm_path.py", "tests/test_failures.py",
+    "tests/test_security.py", "tests/test_protocol.py", "tests/test_edge_units.py",
+    "tests/test_server_units.py", "tests/test_incidents.py", "tests/test_route_permissions.py",
+    "tests/test_console_auth.py", "tests/test_patrol_web.py", "tests/test_hostile_ingest.py",
+    "tests/test_edge_storage.py", "tests/test_edge_link.py", "tests/test_edge_boundary.py",
+    "tests/test_web_hostile.py", "tests/test_broker_identity.py",
+)
+
+# mutmut's exit codes per mutant (mutmut.stats.status_by_exit_code).
+_STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no_tests", 33: "no_tests",
+           34: "skipped", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
+           255: "timeout", 37: "killed"}
+
+_LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
+_LOGGERS = {"log", "logger", "self.log", "_log"}
+_METRIC_DEFS = {"counter", "gauge", "histogram"}
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def unmutated_lines(source: str) -> set[int]:
+    """Lines of logging calls and metric definitions (their text is read, not tested)."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Expr) or not isinstance(node.value, ast.Call):
+            continue
+        func = node.value.func
+        if not isinstance(func, ast.Attribute):
+            continue
+        owner = _dotted(func.value)
+        if (func.attr in _LOG_METHODS and owner in _LOGGERS) or func.attr in _METRIC_DEFS:
+            lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    return lines
+
+
+def mark_unmutated(path: Path) -> int:
+    """Append ``# pragma: no mutate`` to the lines :func:`unmutated_lines` finds."""
+    source = path.read_text()
+    skip = unmutated_lines(source)
+    out = []
+    for number, line in enumerate(source.splitlines(), start=1):
+        if number in skip and "#" not in line:
+            line += "  # pragma: no mutate"
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+    return len(skip)
+
+
+def _copy_tree(dest: Path) -> None:
+    """The working tree as git sees it (tracked and new files, nothing ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def _write_config(dest: Path, modules: list[str], tests: list[str]) -> None:
+    pyproject = dest / "pyproject.toml"
+    text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject.read_text())
+    sources = sorted({m.split("/")[0] for m in modules})
+    text += "\n[tool.mutmut]\n" + "\n".join([
+        f"source_paths = {json.dumps(sources)}",
+        f"only_mutate = {json.dumps(modules)}",
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]',
+        "timeout_multiplier = 5.0",
+        "timeout_constant = 20.0",
+    ]) + "\n"
+    pyproject.write_text(text)
+
+
+def _module_of(key: str) -> str:
+    """``server.app.xǁCentralServerǁhandle__mutmut_3`` -> ``server/app.py``."""
+    dotted = key.split(".x")[0] if ".x" in key else key.rsplit(".", 1)[0]
+    return dotted.replace(".", "/") + ".py"
+
+
+def read_results(workdir: Path) -> dict[str, str]:
+    """Mutant name -> status, from mutmut's ``*.meta`` files."""
+    out: dict[str, str] = {}
+    for meta in (workdir / "mutants").rglob("*.py.meta"):
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        for key, code in data.get("exit_code_by_key", {}).items():
+            out[key] = "not_checked" if code is None else _STATUS.get(code, "suspicious")
+    return out
+
+
+def load_equivalents(path: Path = EQUIVALENTS_FILE) -> dict[str, str]:
+    """Mutant name -> why it is equivalent (reviewed by hand)."""
+    if not path.exists():
+        return {}
+    data = tomllib.loads(path.read_text())
+    return {entry["mutant"]: entry["reason"] for entry in data.get("equivalent", [])}
+
+
+def tally(statuses: dict[str, str], equivalents: dict[str, str]) -> dict[str, Any]:
+    counts = Counter(statuses.values())
+    equivalent = sum(1 for k, s in statuses.items() if s != "killed" and k in equivalents)
+    considered = len(statuses) - equivalent
+    return {
+        "mutants": len(statuses),
+        "killed": counts["killed"],
+        "survived": counts["survived"],
+        "timeout": counts["timeout"],
+        "no_tests": counts["no_tests"],
+        "not_checked": counts["not_checked"],
+        "equivalent": equivalent,
+        "score": round(counts["killed"] / considered, 4) if considered else None,
+    }
+
+
+def summarise(statuses: dict[str, str], equivalents: dict[str, str],
+              modules: list[str]) -> dict[str, Any]:
+    per_module = {
+        module: tally({k: s for k, s in statuses.items() if _module_of(k) == module}, equivalents)
+        for module in modules
+    }
+    alarm = {k: s for k, s in statuses.items() if _module_of(k) in ALARM_PATH}
+    result = tally(statuses, equivalents)
+    result["alarm_path_score"] = tally(alarm, equivalents)["score"] if alarm else None
+    result["per_module"] = per_module
+    result["survivors"] = sorted(k for k, s in statuses.items()
+                                 if s in ("survived", "no_tests", "suspicious")
+                                 and k not in equivalents)
+    result["stale_equivalents"] = sorted(set(equivalents) - set(statuses))
+    return result
+
+
+def _progress(workdir: Path, started: float) -> str:
+    counts = Counter(read_results(workdir).values())
+    done = sum(n for s, n in counts.items() if s != "not_checked")
+    total = sum(counts.values())
+    return (f"mutation: {done}/{total} mutants checked · {counts['killed']} killed · "
+            f"{counts['survived']} survived · {counts['timeout']} timeout · "
+            f"{time.monotonic() - started:.0f} s")
+
+
+def main(as_json: bool, options: dict[str, str]) -> int:
+    known = {"modules", "tests", "children", "budget_s", "keep", "target"}
+    unknown = set(options) - known
+    if unknown:
+        print(f"alarmpost bench mutation: unknown option(s) {sorted(unknown)}; "
+              f"known: {sorted(known)}", file=sys.stderr)
+        return 2
+    modules = [m for m in options.get("modules", ",".join(DEFAULT_MODULES)).split(",") if m]
+    tests = [t for t in options.get("tests", ",".join(DEFAULT_TESTS)).split(",")
+             if t and (ROOT / t).exists()]
+    try:
+        children = int(options.get("children", "2"))
+        budget = float(options.get("budget_s", "1800"))
+        target = float(options.get("target", "0.9"))
+    except ValueError as exc:
+        print(f"alarmpost bench mutation: {exc}", file=sys.stderr)
+        return 2
+    missing = [m for m in modules if not (ROOT / m).is_file()]
+    if missing:
+        print(f"alarmpost bench mutation: no such module(s) {missing}", file=sys.stderr)
+        return 2
+    if shutil.which("mutmut", path=str(Path(sys.executable).parent)) is None:
+        print("alarmpost bench mutation: mutmut is not installed; ./run test installs it "
+              "(pip install -e '.[test]')", file=sys.stderr)
+        return 3
+
+    workdir = Path(tempfile.mkdtemp(prefix="alarmpost-mutation-"))
+    started = time.monotonic()
+    try:
+        _copy_tree(workdir)
+        marked = sum(mark_unmutated(workdir / m) for m in modules)
+        _write_config(workdir, modules, tests)
+        print(f"mutation: {len(modules)} modules ({marked} log/metric lines left alone), "
+              f"{len(tests)} test files, {children} at a time, budget {budget:.0f} s, "
+              f"in {workdir}", file=sys.stderr)
+        log_path = workdir / "mutmut.log"
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mutmut"), "run", "--max-children",
+                 str(children)],
+                cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
+        complete = True
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - started > budget:
+                    complete = False
+                    print(f"mutation: budget of {budget:.0f} s spent; stopping", file=sys.stderr)
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(30)
+                    break
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    print(_progress(workdir, started), file=sys.stderr)
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            print("mutation: interrupted", file=sys.stderr)
+            return 3
+        statuses = read_results(workdir)
+        if not statuses:
+            print("mutation: mutmut produced no results; its log says:\n"
+                  + log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
+            return 3
+        result = summarise(statuses, load_equivalents(), modules)
+        result["complete"] = complete and proc.returncode == 0
+        result["elapsed_s"] = round(time.monotonic() - started, 1)
+        result["children"] = children
+    finally:
+        if options.get("keep") == "1":
+            print(f"mutation: scratch copy kept in {workdir} (mutmut show NAME there)",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    if not as_json:
+        print(f"mutants {result['mutants']}: killed {result['killed']}, survived "
+              f"{result['survived']}, timeout {result['timeout']}, no tests {result['no_tests']}, "
+              f"equivalent {result['equivalent']}; score {result['score']} "
+              f"(alarm path {result['alarm_path_score']})")
+        for module, row in result["per_module"].items():
+            print(f"  {module:<28} {row['killed']:>4}/{row['mutants']:<4} score {row['score']}")
+        for name in result["survivors"]:
+            print(f"  survivor: {name}")
+    else:
+        print(json.dumps(result))
+    met = (result["complete"] and result["alarm_path_score"] is not None
+           and result["alarm_path_score"] >= target)
+    return 0 if met else 1
