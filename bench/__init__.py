@@ -27,6 +27,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "press -> page at the patrol team's device with 1,000 posts and 500 moving teams, team "
         "selection among 10,000 teams, a 200-alarm burst (all paged, none double-booked)",
     ),
+    "mutation": (
+        "bench.mutation",
+        "mutation testing (mutmut) of the alarm path and the security guards: mutants killed, "
+        "survived, score per module (about 30 min on 2 cores)",
+    ),
     "video": (
         "bench.video",
         "video intercom in real Chromium: answer click -> first frame p50/p95 over 20 calls, "
