@@ -20,7 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "alarm-path": (
         "bench.alarm_path",
         "press -> commit -> ACK latency with a 1,000-post fleet, a 1,000-press burst, "
-        "server CPU/RSS and one edge agent's RSS",
+        "server CPU/RSS and one edge agent's RSS; hostile_rate=N adds a post publishing garbage",
     ),
     "dispatch": (
         "bench.dispatch",

@@ -9,7 +9,13 @@ What runs (all on 127.0.0.1, in a temp dir removed at the end):
   (:class:`firmware_sim.fleet.SimPost`), split over ``workers`` child processes (this module run
   with ``--worker``). Presses go through the mock pin, the hold-time guard, the outbox and MQTT,
   exactly as on a post;
-* one more post as its own ``alarmpost edge`` process, to read the RSS of one idle agent.
+* one more post as its own ``alarmpost edge`` process, to read the RSS of one idle agent;
+* with ``hostile_rate=N`` (default 0: off), one more post's credential in an attacker's hands
+  (:class:`Hostile`): N garbage messages per second on that post's own topics through both measured
+  phases (malformed JSON, deep nesting, oversized, wrong types, a body naming another post, topic
+  kinds a post may not write, huge numbers, raw bytes). The JSON adds ``hostile_sent`` and
+  ``hostile_rejected`` (the growth of the server's ``alarmpost_rejected_total`` meanwhile). A server
+  that dies under it ends the benchmark at once with exit 3 and the server's last log lines.
 
 Phases: connect (posts started at a steady ``ramp`` so heartbeat phases spread over one interval),
 paced presses (``presses`` at ``rate``/s on random posts), then a burst (``burst`` posts pressed
@@ -84,6 +90,7 @@ class Options:
     server_log: str = "info"  # the server child's --log-level
     keep: bool = False  # keep the temp dir (logs, databases) for a look afterwards
     monitor: bool = True  # a bystander MQTT client times events and ACKs on the broker (hops)
+    hostile_rate: float = 0.0  # garbage messages/s from one more post's credential (0: none)
 
     @classmethod
     def parse(cls, raw: dict[str, str]) -> Options:
@@ -107,6 +114,8 @@ class Options:
             setattr(opts, key, parsed)
         if opts.posts < 1 or opts.workers < 1 or opts.presses < 0 or opts.rate <= 0:
             raise ValueError("posts and workers must be >= 1, presses >= 0, rate > 0")
+        if not 0 <= opts.hostile_rate <= 5000:
+            raise ValueError("hostile_rate must be within 0..5000 messages per second")
         if opts.burst < 0 or opts.burst > opts.posts:
             opts.burst = opts.posts
         if opts.ramp < 0:
@@ -217,6 +226,9 @@ class Fleet:
         self.ack_ts: dict[str, float] = {}  # the server's Ack.ts: taken after COMMIT returned
         self.changed = asyncio.Event()
         self.stopped = False
+        # Further checks run wherever the fleet's are (a process that must stay alive): each
+        # raises BenchError, so no phase waits out its timeout for a process that is gone.
+        self.watchdogs: list[Callable[[], None]] = []
 
     @property
     def total(self) -> int:
@@ -271,6 +283,8 @@ class Fleet:
             self.changed.set()
 
     def check_alive(self) -> None:
+        for check in self.watchdogs:
+            check()
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is not None:
                 raise BenchError(
@@ -374,13 +388,18 @@ class Fleet:
 class Monitor:
     """A bystander MQTT client: when each event and each ACK passed through the broker.
 
-    It subscribes (QoS 0, its own client id, the server's account) to every post's ``event`` and
-    ``ack`` topics and notes the arrival time of the first copy of each, splitting press ->
-    committed -> ACK into edge -> broker -> server -> broker -> edge.
+    It subscribes (QoS 0, the deployment's read-only ``monitor`` account: the broker makes a
+    client's id its user name, so the server's account would disconnect the server) to every
+    post's ``event`` and ``ack`` topics and notes the arrival time of the first copy of each,
+    splitting press -> committed -> ACK into edge -> broker -> server -> broker -> edge. Messages
+    on ``ignore``'s topics (the hostile post's) are skipped; anything else is bounded before it is
+    parsed, like every other reader of posts' messages.
     """
 
-    def __init__(self, host: str, port: int, username: str, password: str) -> None:
+    def __init__(self, host: str, port: int, username: str, password: str,
+                 ignore: str = "") -> None:
         self.args = (host, port, username, password)
+        self.ignore = f"/post/{ignore}/" if ignore else ""
         self.events: dict[str, float] = {}  # event id -> first seen on the broker
         self.acks: dict[str, float] = {}  # event id -> its ACK first seen on the broker
         self.connected = asyncio.Event()
@@ -395,19 +414,24 @@ class Monitor:
         host, port, username, password = self.args
         async with aiomqtt.Client(
             host, port, username=username, password=password,
-            identifier=f"alarmpost-bench-monitor-{os.getpid()}",
+            identifier=username,
             protocol=aiomqtt.ProtocolVersion.V5, socket_options=SOCKET_OPTIONS, timeout=10,
         ) as client:
             await client.subscribe([(post_subscription("event"), 0), (post_subscription("ack"), 0)])
             self.connected.set()
             async for message in client.messages:
                 now = time.time()
+                topic = str(message.topic)
                 payload = message.payload if isinstance(message.payload, bytes) else b""
+                if (self.ignore and self.ignore in topic) or len(payload) > 4096:
+                    continue
                 try:
                     body = json.loads(payload)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
-                if str(message.topic).endswith("/event"):
+                if not isinstance(body, dict):
+                    continue
+                if topic.endswith("/event"):
                     self.events.setdefault(str(body.get("id")), now)
                 else:
                     self.acks.setdefault(str(body.get("event_id")), now)
@@ -430,6 +454,153 @@ class Monitor:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+
+
+class Hostile:
+    """One post's credential in an attacker's hands: garbage at ``rate`` messages per second.
+
+    A paho MQTT 5 client in its own thread publishes (QoS 1) a mix of what a post can send but
+    should not, on its own topics: the broker lets it write there, so all of it reaches the
+    server, except the topic kinds a post may not write (refused by the broker, PUBACK 0x87).
+    Every payload stays under the broker's ``max_packet_size`` (a bigger one only gets this client
+    disconnected; tests/test_broker_identity.py shows that), and a few status messages are
+    retained, as a poison message would be.
+    """
+
+    KINDS = ("malformed", "deep_nesting", "oversized", "wrong_types", "other_post", "wrong_topic",
+             "huge_numbers", "raw_bytes")
+
+    def __init__(self, host: str, port: int, post_id: str, password: str, victim: str,
+                 rate: float, seed: int) -> None:
+        import threading
+
+        import paho.mqtt.client as paho
+
+        self.post_id, self.victim, self.rate = post_id, victim, rate
+        self.rng = random.Random(seed)
+        self.sent = 0
+        self.acked = 0  # PUBACKs received, whatever their code
+        self.refused_by_broker = 0  # PUBACK >= 0x80 (topics a post may not write)
+        self.disconnects = 0
+        self.by_kind: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connected = threading.Event()
+        self.error = ""
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=post_id,
+                                  protocol=paho.MQTTv5)
+        self.client.username_pw_set(post_id, password)
+        self.client.max_inflight_messages_set(200)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.host, self.port = host, port
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.value == 0:
+            self._connected.set()
+        else:
+            self.error = f"hostile client refused: {reason}"
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                       props: Any) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            self.disconnects += 1
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.acked += 1
+        if reason.value >= 0x80:
+            self.refused_by_broker += 1
+
+    def message(self, kind: str) -> tuple[str, bytes, bool]:
+        """(topic, payload, retain) of one garbage message of ``kind``."""
+        from protocol.messages import Event, encode
+        from protocol.topics import post_topic
+        from protocol.ulid import new_ulid
+
+        rng, own = self.rng, self.post_id
+        topic = post_topic(own, rng.choice(("event", "event", "heartbeat", "status", "cmdresult",
+                                            "callstate")))
+        retain = False
+        now = time.time()
+        if kind == "malformed":
+            good = encode(Event(id=new_ulid(), post=own, seq=1, ts=now))
+            payload = good[: rng.randint(1, len(good) - 1)] + rng.choice((b"", b"}}", b",", b"\x00"))
+        elif kind == "deep_nesting":
+            depth = rng.choice((100, 1000, 3000))
+            payload = rng.choice((b"[" * depth, b'{"a":' * depth, b"[" * depth + b"]" * depth))
+        elif kind == "oversized":
+            payload = b'{"v":1,"pad":"' + b"x" * rng.randint(4097, 30000) + b'"}'
+        elif kind == "wrong_types":
+            payload = json.dumps(rng.choice((
+                {"v": 1, "id": 12, "post": [own], "seq": "1", "ts": None},
+                {"v": "1", "id": new_ulid(), "post": own, "seq": 1.5, "ts": "now"},
+                [1, 2, 3], "event", None, {"v": 1, "post": {"id": own}},
+            ))).encode()
+        elif kind == "other_post":  # its own topic, a body speaking for another post
+            topic = post_topic(own, "event")
+            payload = encode(Event(id=new_ulid(), post=self.victim, seq=rng.randint(1, 10**6),
+                                   ts=now))
+        elif kind == "wrong_topic":  # refused by the broker's ACL: never reaches the server
+            topic = rng.choice((post_topic(own, "ack"), post_topic(own, "cmd"),
+                                post_topic(self.victim, "event"), f"alarmpost/v1/post/{own}/bogus",
+                                "alarmpost/v1/server/status"))
+            payload = encode(Event(id=new_ulid(), post=own, seq=1, ts=now))
+        elif kind == "huge_numbers":
+            payload = rng.choice((
+                b'{"v":1,"id":"' + new_ulid().encode() + b'","post":"' + own.encode()
+                + b'","seq":' + b"9" * 5000 + b',"ts":1e999}',
+                json.dumps({"v": 1, "id": new_ulid(), "post": own, "seq": 2**64,
+                            "ts": -1e308, "hold_ms": -(2**63)}).encode(),
+            ))
+        else:  # raw bytes, invalid UTF-8 among them
+            payload = rng.randbytes(rng.randint(0, 512))
+            if topic.endswith("/status") and rng.random() < 0.5:
+                retain = True  # a poison retained message: the server sees it again on restart
+        return topic, payload, retain
+
+    def start(self, within: float = 10.0) -> None:
+        import threading
+
+        self.client.connect(self.host, self.port)
+        self.client.loop_start()
+        if not self._connected.wait(within):
+            raise BenchError(f"hostile client ({self.post_id}) did not connect: {self.error}")
+        self._thread = threading.Thread(target=self._run, name="hostile", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        n = 0
+        try:
+            while not self._stop.is_set():
+                kind = self.rng.choice(self.KINDS)
+                topic, payload, retain = self.message(kind)
+                self.client.publish(topic, payload, qos=1, retain=retain)
+                self.sent += 1
+                self.by_kind[kind] += 1
+                n += 1
+                delay = t0 + n / self.rate - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+        except Exception as exc:  # reported by check(), never silently
+            self.error = f"hostile publisher failed: {type(exc).__name__}: {exc}"
+
+    def check(self) -> None:
+        if self.error:
+            raise BenchError(self.error)
+
+    def stop(self) -> None:
+        """Stop publishing; wait (up to 5 s) for the broker to acknowledge what was sent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        deadline = time.monotonic() + 5.0
+        while self.acked < self.sent and self._connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 class ProcWatch:
@@ -619,12 +790,15 @@ def burst_schedule(ids: list[str], n: int, window: float, rng: random.Random) ->
 async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
                  fleets: list[Fleet]) -> dict[str, Any]:
     from provisioning import deployment as d
+    from provisioning.broker import MONITOR_USER
 
     t_start = time.monotonic()
-    specs = d.district_posts(opts.posts + 1)
+    hostile_on = opts.hostile_rate > 0
+    specs = d.district_posts(opts.posts + 1 + hostile_on)
     dep = d.create(tmp / "deployment", specs, heartbeat_s=opts.heartbeat, hardware_backend="mock")
     fleet_ids = [s.id for s in specs[: opts.posts]]
-    edge_id = specs[-1].id
+    edge_id = specs[opts.posts].id
+    hostile_id = specs[opts.posts + 1].id if hostile_on else ""
     _progress(f"deployment of {len(specs)} posts in {tmp} ({time.monotonic() - t_start:.1f} s)")
 
     broker = dep.mosquitto()
@@ -639,8 +813,15 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
     cleanups.append(lambda: _terminate(server))
     await _wait_server(server, dep.http_port, dep.api_token, server_log)
     _progress(f"server ready (pid {server.pid})")
-    mqtt = tomllib.loads(dep.server_config.read_text())["mqtt"]
-    monitor = Monitor("127.0.0.1", dep.broker_port, mqtt["username"], mqtt["password"])
+
+    def server_alive() -> None:
+        if server.poll() is not None:
+            during = f" under hostile_rate={opts.hostile_rate:g}" if hostile_on else ""
+            raise BenchError(f"the server exited with code {server.returncode} during the "
+                             f"benchmark{during}; its last log lines:\n{_tail(server_log)}")
+
+    monitor = Monitor("127.0.0.1", dep.broker_port, *d.account_credentials(dep, MONITOR_USER),
+                      ignore=hostile_id)
     if opts.monitor:
         monitor.start()
         await monitor.wait_connected()
@@ -652,6 +833,7 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
     fleet = Fleet(dep.directory, fleet_ids, opts.workers, opts.ramp, tmp, outbox_dir, opts.fleet_gc)
     fleets.append(fleet)
     cleanups.append(fleet.kill)
+    fleet.watchdogs.append(server_alive)
     loop = asyncio.get_running_loop()
     edge_task = asyncio.create_task(_edge_rss(dep, edge_id, tmp, opts.edge_idle))
     try:
@@ -677,6 +859,21 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
     await asyncio.sleep(1.0)  # let the edge agent's exit settle
 
     rng = random.Random(opts.seed)
+
+    # ---------------------------------------------------------------- the hostile post
+    hostile: Hostile | None = None
+    rejected_before = 0.0
+    if hostile_on:
+        status, text = await _http_get(dep.http_port, "/metrics", dep.api_token)
+        rejected_before = _server_metrics(text).get("rejected_total", 0.0) if status == 200 else 0.0
+        hostile = Hostile("127.0.0.1", dep.broker_port, hostile_id,
+                          tomllib.loads(dep.post_config(hostile_id).read_text())["mqtt"]["password"],
+                          victim=fleet_ids[0], rate=opts.hostile_rate, seed=opts.seed)
+        await loop.run_in_executor(None, hostile.start)
+        cleanups.append(hostile.stop)
+        fleet.watchdogs.append(hostile.check)
+        _progress(f"hostile: {hostile_id}'s credential publishes {opts.hostile_rate:g} garbage "
+                  "messages/s on its own topics from now on")
 
     # ---------------------------------------------------------------- paced presses
     for w in fleet.workers:
@@ -704,12 +901,31 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
     burst_ok = await fleet.wait_acked("burst", len(burst), opts.drain_timeout)
     # Every event acknowledged at the edge is committed (the server ACKs after the commit).
     m3 = sampler.mark()
+    hostile_figures: dict[str, Any] = {}
+    if hostile is not None:
+        await loop.run_in_executor(None, hostile.stop)
+        server_alive()
+        # Everything the broker took and did not refuse goes to the server: wait (bounded) until
+        # the server has counted that many rejections, so the figure is not cut short.
+        expected = rejected_before + hostile.acked - hostile.refused_by_broker
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            server_alive()
+            status, text = await _http_get(dep.http_port, "/metrics", dep.api_token)
+            if status == 200 and _server_metrics(text).get("rejected_total", 0.0) >= expected:
+                break
+            await asyncio.sleep(0.1)
+        hostile_figures = {"sent": hostile.sent, "acked_by_broker": hostile.acked,
+                           "refused_by_broker": hostile.refused_by_broker,
+                           "disconnects": hostile.disconnects, "by_kind": dict(hostile.by_kind)}
     await sampler.stop()
     server_rss_now = sampler.groups["server"].rss()
 
     stats = await fleet.stats()
     status, text = await _http_get(dep.http_port, "/metrics", dep.api_token)
     metrics = _server_metrics(text) if status == 200 else {}
+    if hostile_figures:
+        hostile_figures["rejected"] = metrics.get("rejected_total", 0.0) - rejected_before
     rows = await loop.run_in_executor(None, _read_events, dep.directory / "server.db")
 
     await monitor.stop()
@@ -722,7 +938,7 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
                  "all": Sampler.window(m0, m3)},
         server_rss=server_rss_now, server_rss_peak=sampler.groups["server"].peak_rss,
         fleet_rss_peak=sampler.groups["fleet"].peak_rss, connect_s=connect_s,
-        elapsed=time.monotonic() - t_start,
+        elapsed=time.monotonic() - t_start, hostile=hostile_figures,
     )
 
 
@@ -731,7 +947,7 @@ def _analyse(opts: Options, fleet: Fleet, monitor: Monitor, rows: list[Row],
              burst_ok: bool, edge: dict[str, Any], stats: list[dict[str, Any]],
              metrics: dict[str, float], windows: dict[str, CpuWindow], server_rss: int,
              server_rss_peak: int, fleet_rss_peak: int, connect_s: float,
-             elapsed: float) -> dict[str, Any]:
+             elapsed: float, hostile: dict[str, Any] | None = None) -> dict[str, Any]:
     by_id = {r[0]: r for r in rows}
     sent = fleet.events
 
@@ -818,6 +1034,7 @@ def _analyse(opts: Options, fleet: Fleet, monitor: Monitor, rows: list[Row],
         "server_rss_peak_mb": round(server_rss_peak / 2**20, 1),
         "edge_rss_mb": round(edge["rss_mb"], 1),
         "edge_uss_mb": round(edge["uss_mb"], 1),
+        "hostile_rate": opts.hostile_rate,
         "context": {
             "connect_s": round(connect_s, 1),
             "measured_s": round(windows["all"].wall, 1),
@@ -857,6 +1074,10 @@ def _analyse(opts: Options, fleet: Fleet, monitor: Monitor, rows: list[Row],
             "percentiles": "linear interpolation between closest ranks (numpy default)",
         },
     }
+    if hostile:
+        result["hostile_sent"] = hostile["sent"]
+        result["hostile_rejected"] = int(hostile["rejected"])
+        result["context"]["hostile"] = hostile
     commit_p99 = result["press_to_commit_ms"]["p99"]
     result["targets"] = {
         "press_to_commit_p99_ms": TARGET_COMMIT_P99_MS,
@@ -932,6 +1153,10 @@ def render(r: dict[str, Any]) -> str:
         f"other processes on this machine used {c['other_cpu_pct']}% of a core meanwhile "
         f"(load average {c['load_avg_1m']}){': figures disturbed' if c['other_cpu_pct'] > 25 else ''}",
         f"edge counters: {c['edge_counters'] or 'none'}; server: {c['server_metrics']}",
+        *([f"hostile post: {r['hostile_sent']} garbage messages at {r['hostile_rate']:g}/s, "
+           f"{c['hostile']['refused_by_broker']} refused by the broker (topics a post may not "
+           f"write), {r['hostile_rejected']} rejected by the server, "
+           f"{c['hostile']['disconnects']} disconnects"] if "hostile_sent" in r else []),
         "",
         "targets:",
         f"  [{mark(met['press_to_commit_p99'])}] press -> committed p99 <= "

@@ -177,7 +177,7 @@ class PostClients:
             cfg = tomllib.loads(self.dep.post_config(post_id).read_text())
             client = aiomqtt.Client("127.0.0.1", self.dep.broker_port, username=post_id,
                                     password=cfg["mqtt"]["password"],
-                                    identifier=f"bench-post-{post_id}",
+                                    identifier=post_id,  # the broker keys it on the user name
                                     protocol=aiomqtt.ProtocolVersion.V5,
                                     socket_options=SOCKET_OPTIONS, timeout=30)
             self.clients[post_id] = await self._stack.enter_async_context(client)
