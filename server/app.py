@@ -7,12 +7,23 @@ of a committed event is acknowledged again (``duplicate: true``) and stored noth
 
 Supervision: each post has a deadline ``grace_intervals × heartbeat interval`` after the last
 thing heard from it; missing it, or its Last Will, marks it offline with a fault record; hearing
-from it again records the recovery.
+from it again records the recovery. Faults a post reports in its heartbeat (``storage``,
+``session_taken_over``, ...) are fault records of that kind, open while it reports them; a post
+whose session flaps (:data:`CLONE_SESSIONS` changes within :data:`CLONE_WINDOW_S`) gets a
+``clone_suspected`` fault: two devices may be using its credential.
+
+Posts are hostile: every message is handled inside a boundary that catches everything, counts
+it (``rejected_total{reason}``, ``handler_errors_total{kind}``) and logs it with its topic and
+size; nothing a post sends ends the reader. A retained message that cannot be decoded is refused
+each time it is delivered and cleared from the broker (``retained_cleared_total``). The incident
+lifecycle runs on the server's receipt time; each post's clock offset (receipt - ts of its
+heartbeats, smoothed) is shown in its health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -40,7 +51,10 @@ from protocol.messages import (
 )
 from protocol.settings import ConfigError
 from protocol.topics import (
+    EDGE_KINDS,
+    TEAM_KINDS,
     TEAM_TOPIC_PREFIX,
+    TOPIC_PREFIX,
     post_subscription,
     post_topic,
     server_status_topic,
@@ -54,11 +68,27 @@ from server.commands import CommandTracker
 from server.config import ServerConfig
 from server.dispatch import Dispatcher
 from server.metrics import Metrics
-from server.storage import PostInfo, SqliteStorage, Storage
+from server.storage import Committed, PostInfo, SqliteStorage, Storage
 
 log = logging.getLogger("alarmpost.server")
 
 COMMIT_BATCH_MAX = 500
+# Rejections that say the message itself is bad (not the registry's state): such a message
+# retained on the broker is cleared, so it stops being delivered.
+POISON_REASONS = frozenset({"malformed", "too_deep", "oversized", "invalid", "unknown_version",
+                            "post_mismatch", "team_mismatch"})
+CLONE_SESSIONS = 3  # session changes (online/offline) of one post ...
+CLONE_WINDOW_S = 60.0  # ... within this long: two devices may be using its credential
+CLONE_QUIET_S = 600.0  # the clone fault closes after this long without a session change
+CLOCK_SMOOTHING = 0.2  # weight of a new heartbeat in a post's clock offset estimate
+# Faults the server itself records: a post cannot report (or clear) these.
+SERVER_FAULT_KINDS = frozenset({"offline", "clone_suspected"})
+FAULT_TEXT = {
+    "storage": "the post cannot write its outbox (events are held in memory)",
+    "session_taken_over": "another device using this post's credential took its broker session",
+}
+FAULT_OPENS_PER_WINDOW = 10  # reported faults a post may open per window, beyond: counted only
+FAULT_WINDOW_S = 60.0
 
 
 def load_registry(path: Path | str) -> list[PostInfo]:
@@ -103,6 +133,12 @@ class LivePost:
     health: dict[str, object] = field(default_factory=dict)
     deadline: asyncio.TimerHandle | None = None
     dirty: bool = False
+    clock_offset_s: float | None = None  # server receipt - post ts, smoothed over heartbeats
+    reported_faults: set[str] = field(default_factory=set)  # open, as the post reports them
+    fault_opens: collections.deque[float] = field(default_factory=collections.deque)
+    session_changes: collections.deque[float] = field(default_factory=collections.deque)
+    last_session_change: float = 0.0
+    clone_suspected: bool = False
 
 
 class CentralServer:
@@ -135,11 +171,17 @@ class CentralServer:
         posts = load_registry(self.config.registry.posts_file)
         self.storage.upsert_posts(posts)
         states = self.storage.post_states()
+        faults = self.storage.open_fault_kinds()
         default = self.config.supervision.default_heartbeat_s
         for post in posts:
             if post.id not in self.live:
                 state, seen = states.get(post.id, ("unknown", None))
-                self.live[post.id] = LivePost(state=state, last_seen=seen, interval_s=default)
+                kinds = faults.get(post.id, set())
+                self.live[post.id] = LivePost(
+                    state=state, last_seen=seen, interval_s=default,
+                    reported_faults=kinds - SERVER_FAULT_KINDS,
+                    clone_suspected="clone_suspected" in kinds,
+                    last_session_change=time.time() if "clone_suspected" in kinds else 0.0)
         for gone in set(self.live) - {p.id for p in posts}:
             live = self.live.pop(gone)
             if live.deadline:
@@ -156,6 +198,16 @@ class CentralServer:
         m.counter("incidents_opened_total", "Incidents opened")
         m.counter("post_offline_total", "Posts that went offline, by reason")
         m.counter("http_requests_total", "HTTP requests, by status")
+        m.counter("handler_errors_total", "Messages whose handler failed (a bug), by topic kind")
+        m.counter("retained_cleared_total", "Undecodable retained messages cleared, by topic kind")
+        m.counter("event_id_collisions_total",
+                  "New events whose id another post's event has (committed as this post's own)")
+        m.counter("events_clock_suspect_total", "Events whose stated time is implausible")
+        m.counter("seq_anomalies_total", "New events whose seq goes back or repeats, by kind")
+        m.counter("post_epoch_changes_total", "Posts whose outbox started a new epoch")
+        m.counter("post_faults_reported_total", "Faults opened as posts reported them, by kind")
+        m.counter("post_faults_throttled_total", "Reported faults not recorded (too many, too fast)")
+        m.counter("clone_suspected_total", "Posts whose sessions flapped (a cloned credential?)")
         m.gauge("incidents_open", "Incidents currently open", self.storage.open_incident_count)
         m.gauge("posts_online", "Posts currently online",
                 lambda: sum(1 for p in self.live.values() if p.state == "online"))
@@ -166,9 +218,34 @@ class CentralServer:
             (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
 
-    def reject(self, reason: str, topic: str, detail: str) -> None:
+    def reject(self, reason: str, topic: str, detail: str, *, retained: bool = False,
+               size: int = -1) -> None:
+        """Count and log a refused message; clear it from the broker if it is a retained one
+        that can never be decoded (it would be refused again on every delivery)."""
         self.metrics.inc("rejected_total", reason=reason)
-        log.warning("rejected message on %s: %s %s", topic[:120], reason, detail[:200])
+        log.warning("rejected message on %s (%d bytes%s): %s %s", topic[:120], size,
+                    ", retained" if retained else "", reason, detail[:200])
+        if retained and reason in POISON_REASONS:
+            self._clear_retained(topic)
+
+    def _clear_retained(self, topic: str) -> None:
+        client = self._client
+        if client is None or not topic.startswith(f"{TOPIC_PREFIX}/") or len(topic) > 200:
+            return
+        kind = _topic_kind(topic)
+
+        async def clear() -> None:
+            try:
+                await client.publish(topic, b"", qos=1, retain=True)
+            except aiomqtt.MqttError as exc:
+                log.warning("could not clear the retained message on %s: %s", topic[:120], exc)
+                return
+            self.metrics.inc("retained_cleared_total", kind=kind)
+            log.warning("cleared an undecodable retained message on %s", topic[:120])
+
+        task = asyncio.ensure_future(clear())
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -299,17 +376,27 @@ class CentralServer:
                 self.handle(str(more.topic), more.payload, bool(more.retain))
 
     def handle(self, topic: str, payload: object, retained: bool = False) -> None:
-        """Decode, check and route one message. Never raises on bad input."""
+        """Decode, check and route one message. Never raises: bad input is counted and logged
+        as a rejection, a failing handler as a handler error."""
+        try:
+            if not isinstance(payload, bytes | bytearray):
+                payload = b"" if payload is None else str(payload).encode()
+            self._handle(topic, bytes(payload), retained)
+        except Exception:
+            size = len(payload) if isinstance(payload, bytes | bytearray) else -1
+            self.metrics.inc("handler_errors_total", kind=_topic_kind(topic))
+            log.exception("handling a message on %s (%d bytes%s) failed", topic[:120], size,
+                          ", retained" if retained else "")
+
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
         received = time.time()
-        if not isinstance(payload, bytes | bytearray):
-            payload = b"" if payload is None else str(payload).encode()
         if topic.startswith(TEAM_TOPIC_PREFIX):
-            self.dispatcher.handle(topic, bytes(payload))
+            self.dispatcher.handle(topic, payload, retained)
             return
         try:
-            where, message = decode_from_post(topic, bytes(payload))
+            where, message = decode_from_post(topic, payload)
         except Rejected as exc:
-            self.reject(exc.reason, topic, exc.detail)
+            self.reject(exc.reason, topic, exc.detail, retained=retained, size=len(payload))
             return
         live = self.live.get(where.post_id)
         if live is None:
@@ -321,13 +408,23 @@ class CentralServer:
             self._seen(where.post_id, live, received)
         elif isinstance(message, Heartbeat):
             live.interval_s = message.interval_s
+            sample = received - message.ts
+            live.clock_offset_s = sample if live.clock_offset_s is None else (
+                live.clock_offset_s + CLOCK_SMOOTHING * (sample - live.clock_offset_s))
+            self._reported_faults(where.post_id, live, message.faults, received)
+            self._clone_check(where.post_id, live, received, session_changed=False)
             live.health = {
                 "uptime_s": message.uptime_s, "outbox_depth": message.outbox_depth,
                 "button": message.button, "strobe": message.strobe, "siren": message.siren,
                 "help": message.help, "silent": message.silent, "interval_s": message.interval_s,
+                "clock_offset_s": round(live.clock_offset_s, 3),
+                "faults": sorted(live.reported_faults),
+                "clone_suspected": live.clone_suspected,
             }
             self._seen(where.post_id, live, received)
         elif isinstance(message, Status):
+            if not retained:  # a retained status is an old one, redelivered to this server
+                self._clone_check(where.post_id, live, received, session_changed=True)
             # A new MQTT session of the post (reboot, reconnect) or its loss ends its calls.
             self.calls.post_session_changed(
                 where.post_id, message.state, message.ts if message.state == "online" else None)
@@ -354,24 +451,49 @@ class CentralServer:
                 continue
             committed_at = time.time()
             for (event, received), res in zip(batch, results, strict=True):
-                if res.duplicate:
-                    self.metrics.inc("events_duplicate_total")
-                else:
-                    self.metrics.inc("events_committed_total")
-                    self.commit_latency.observe(committed_at - received)
-                    if res.new_incident:
-                        self.metrics.inc("incidents_opened_total")
-                        log.info("incident %s opened by post %s (event %s)",
-                                 res.incident_id, event.post, event.id)
-                    self.bus.publish("incident_opened" if res.new_incident else "event_joined",
-                                     incident_id=res.incident_id, post_id=event.post,
-                                     event_id=event.id, pressed_at=event.ts, test=res.test)
+                try:
+                    self._committed(event, received, res, committed_at)
+                except Exception:  # the ACK below must go out whatever happens here
+                    self.metrics.inc("handler_errors_total", kind="commit")
+                    log.exception("after committing event %s of post %s", event.id, event.post)
             task = asyncio.create_task(self._send_acks(client, batch, results))
             self._ack_tasks.add(task)
             task.add_done_callback(self._ack_tasks.discard)
 
+    def _committed(self, event: Event, received: float, res: Committed,
+                   committed_at: float) -> None:
+        if res.duplicate:
+            self.metrics.inc("events_duplicate_total")
+            return
+        self.metrics.inc("events_committed_total")
+        self.commit_latency.observe(committed_at - received)
+        if res.collision:
+            self.metrics.inc("event_id_collisions_total")
+            log.warning("post %s sent event %s whose id another post's event has: committed as "
+                        "its own", event.post, event.id)
+        if res.clock_suspect:
+            self.metrics.inc("events_clock_suspect_total")
+            log.warning("post %s event %s: stated time %.0f is implausible (received %.0f)",
+                        event.post, event.id, event.ts, received)
+        if res.seq_anomaly:
+            self.metrics.inc("seq_anomalies_total", kind=res.seq_anomaly)
+            log.warning("post %s event %s: seq %d %s (epoch %r)", event.post, event.id, event.seq,
+                        "goes backwards" if res.seq_anomaly == "regression" else "repeats",
+                        event.epoch)
+        if res.epoch_changed:
+            self.metrics.inc("post_epoch_changes_total")
+            log.warning("post %s started a new outbox epoch %r (was %r): its storage was wiped "
+                        "or replaced", event.post, event.epoch, res.epoch_changed)
+        if res.new_incident:
+            self.metrics.inc("incidents_opened_total")
+            log.info("incident %s opened by post %s (event %s)",
+                     res.incident_id, event.post, event.id)
+        self.bus.publish("incident_opened" if res.new_incident else "event_joined",
+                         incident_id=res.incident_id, post_id=event.post,
+                         event_id=event.id, pressed_at=event.ts, test=res.test)
+
     async def _send_acks(self, client: aiomqtt.Client, batch: list[tuple[Event, float]],
-                         results: list) -> None:  # type: ignore[type-arg]
+                         results: list[Committed]) -> None:
         now = time.time()
         sends = [
             client.publish(
@@ -423,6 +545,53 @@ class CentralServer:
         return row
 
     # ------------------------------------------------------------------ supervision
+    def _reported_faults(self, post_id: str, live: LivePost, codes: tuple[str, ...],
+                         now: float) -> None:
+        """Open a fault record for each code the post starts reporting, close those it stops."""
+        reported = set(codes) - SERVER_FAULT_KINDS
+        for code in sorted(live.reported_faults - reported):
+            self.storage.close_fault(post_id, code, now)
+            live.reported_faults.discard(code)
+            log.info("post %s no longer reports fault %s", post_id, code)
+        while live.fault_opens and live.fault_opens[0] < now - FAULT_WINDOW_S:
+            live.fault_opens.popleft()
+        for code in sorted(reported - live.reported_faults):
+            if len(live.fault_opens) >= FAULT_OPENS_PER_WINDOW:
+                self.metrics.inc("post_faults_throttled_total")
+                log.warning("post %s reports faults too fast; %s not recorded yet", post_id, code)
+                continue
+            live.fault_opens.append(now)
+            self.storage.open_fault(post_id, code, FAULT_TEXT.get(code, "reported by the post"),
+                                    now)
+            live.reported_faults.add(code)
+            self.metrics.inc("post_faults_reported_total",
+                             kind=code if code in FAULT_TEXT else "other")
+            log.warning("post %s reports fault %s", post_id, code)
+
+    def _clone_check(self, post_id: str, live: LivePost, now: float,
+                     session_changed: bool) -> None:
+        """Sessions that flap mean two devices fight over one credential: a fault."""
+        changes = live.session_changes
+        if session_changed:
+            changes.append(now)
+            live.last_session_change = now
+        while changes and changes[0] < now - CLONE_WINDOW_S:
+            changes.popleft()
+        if len(changes) >= CLONE_SESSIONS and not live.clone_suspected:
+            live.clone_suspected = True
+            self.storage.open_fault(
+                post_id, "clone_suspected",
+                f"two devices may be using this post's credential ({len(changes)} sessions "
+                f"started or lost within {CLONE_WINDOW_S:g} s)", now)
+            self.metrics.inc("clone_suspected_total")
+            log.warning("post %s: %d session changes within %g s; two devices may be using its "
+                        "credential", post_id, len(changes), CLONE_WINDOW_S)
+        elif live.clone_suspected and now - live.last_session_change > CLONE_QUIET_S:
+            live.clone_suspected = False
+            self.storage.close_fault(post_id, "clone_suspected", now)
+            log.info("post %s: sessions steady for %g s, clone suspicion closed", post_id,
+                     CLONE_QUIET_S)
+
     def _seen(self, post_id: str, live: LivePost, now: float) -> None:
         live.last_seen = now
         live.dirty = True
@@ -488,3 +657,11 @@ class CentralServer:
                 self.bus.publish("incident_updated", incident_id=incident_id, state="resolved",
                                  action="resolved", actor="system")
                 log.info("incident %s resolved automatically after %.0f s idle", incident_id, idle)
+
+
+def _topic_kind(topic: str) -> str:
+    """A bounded metrics label for a topic: its message kind (``team_`` kinds for teams)."""
+    kind = topic.rsplit("/", 1)[-1]
+    if topic.startswith(TEAM_TOPIC_PREFIX):
+        return f"team_{kind}" if kind in TEAM_KINDS else "other"
+    return kind if kind in EDGE_KINDS else "other"

@@ -46,7 +46,7 @@ from protocol.messages import (
     decode_from_team,
     encode,
 )
-from protocol.topics import team_topic
+from protocol.topics import TEAM_KINDS, team_topic
 from protocol.ulid import new_ulid
 from server.config import DispatchSection
 from server.incidents import CLASSIFICATIONS, CLOSED, InvalidTransition
@@ -487,7 +487,7 @@ class Dispatcher:
             return
         for row in self.db.query(
             "SELECT i.id, i.post_id, i.opened_at, i.state, e.type, e.pressed_at FROM incidents i "
-            "JOIN events e ON e.id = i.first_event_id "
+            "JOIN events e ON e.post_id = i.post_id AND e.id = i.first_event_id "
             "WHERE i.state NOT IN ('resolved', 'cancelled') "
             "AND i.id NOT IN (SELECT incident_id FROM dispatch) ORDER BY i.opened_at"
         ):
@@ -504,7 +504,8 @@ class Dispatcher:
             return
         row = self.db.execute(
             "SELECT e.type, i.opened_at, i.classification FROM incidents i "
-            "JOIN events e ON e.id = i.first_event_id WHERE i.id=?", (incident_id,)).fetchone()
+            "JOIN events e ON e.post_id = i.post_id AND e.id = i.first_event_id WHERE i.id=?",
+            (incident_id,)).fetchone()
         if row is None:
             return
         if row[0] == "test" and not self.config.page_test_events:
@@ -777,19 +778,23 @@ class Dispatcher:
         self.jobs.pop(job.incident_id, None)
 
     # ------------------------------------------------------------------ team messages
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """A message from a team's device. Never raises (bad input is counted and logged)."""
         try:
-            self._handle(topic, payload)
+            self._handle(topic, payload, retained)
         except Exception:
             self.server.metrics.inc("dispatch_errors_total")
-            log.exception("dispatcher failed on a message on %s", topic[:120])
+            kind = topic.rsplit("/", 1)[-1]
+            self.server.metrics.inc("handler_errors_total",
+                                    kind=f"team_{kind}" if kind in TEAM_KINDS else "other")
+            log.exception("dispatcher failed on a message on %s (%d bytes)", topic[:120],
+                          len(payload))
 
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def _handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         try:
             self.receive(topic, payload)
         except Rejected as exc:
-            self.server.reject(exc.reason, topic, exc.detail)
+            self.server.reject(exc.reason, topic, exc.detail, retained=retained, size=len(payload))
 
     def receive(self, topic: str, payload: bytes) -> None:
         """Decode, check and apply one team message (MQTT, or the patrol web app, which builds
