@@ -27,7 +27,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocol.messages import CallSignal, encode
+from protocol.messages import MAX_CALL_PAYLOAD_BYTES, CallSignal, encode
 from protocol.topics import post_topic
 from protocol.ulid import new_ulid
 from server.bus import Bus
@@ -98,7 +98,15 @@ class CallRelay:
         if client is None:
             raise CallError("offline", "the server is not connected to the broker")
         now = time.time()
-        call = Call(new_ulid(now), post_id, user, incident_id, now,
+        call_id = new_ulid(now)
+        offer = encode(CallSignal(id=call_id, post=post_id, kind="offer", sdp=sdp, ts=now))
+        if len(offer) > MAX_CALL_PAYLOAD_BYTES:
+            # The broker disconnects a client that sends more than the protocol's largest message
+            # (max_packet_size): the server never publishes one, whatever a browser sent it.
+            self._count("refused_too_large")
+            raise CallError("too_large", f"the offer is {len(offer)} bytes, more than the "
+                            f"{MAX_CALL_PAYLOAD_BYTES} a call signal may have")
+        call = Call(call_id, post_id, user, incident_id, now,
                     asyncio.get_running_loop().create_future(), on_end, mode=mode)
         self.calls[call.id] = call
         if mode == "call":
@@ -109,9 +117,7 @@ class CallRelay:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.MessageExpiryInterval = max(1, math.ceil(self.timeout_s))
         try:
-            await client.publish(post_topic(post_id, "call"), encode(
-                CallSignal(id=call.id, post=post_id, kind="offer", sdp=sdp, ts=now)), qos=1,
-                properties=props)
+            await client.publish(post_topic(post_id, "call"), offer, qos=1, properties=props)
             answer = await asyncio.wait_for(asyncio.shield(call.answer), self.timeout_s)
         except TimeoutError:
             self._count("timed_out")

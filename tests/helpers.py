@@ -384,11 +384,17 @@ class RawMqtt:
         with self._cond:
             assert self._cond.wait_for(lambda: mid in self.acks, 5), "no SUBACK"
 
-    def wait_received(self, topic: str, within: float = 5.0) -> bytes:
+    def wait_received(self, topic: str, within: float = 5.0, payload: bytes | None = None) -> bytes:
+        """The first message on ``topic`` (with exactly ``payload``, if given)."""
+        def found() -> bytes | None:
+            return next((p for t, p in self.received
+                         if t == topic and (payload is None or p == payload)), None)
+
         with self._cond:
-            assert self._cond.wait_for(lambda: any(t == topic for t, _ in self.received), within), \
-                f"nothing on {topic}"
-            return next(p for t, p in self.received if t == topic)
+            assert self._cond.wait_for(lambda: found() is not None, within), f"nothing on {topic}"
+            got = found()
+            assert got is not None
+            return got
 
     def wait_disconnected(self, within: float = 5.0) -> int | None:
         """The broker's DISCONNECT reason code, or None if still connected after ``within`` s."""
