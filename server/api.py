@@ -26,10 +26,22 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from protocol.topics import valid_post_id
 from server.console.web import console_guard, is_console_path, setup_console
 from server.incidents import STATES
 from server.patrol_web import is_patrol_path, patrol_guard, setup_patrol_app
-from server.webutil import Handler, error, run_handler
+from server.webutil import (
+    LIMITS_KEY,
+    BadInput,
+    DeadlineAppRunner,
+    Handler,
+    HttpLimits,
+    bad_input,
+    error,
+    query_int,
+    query_str,
+    run_handler,
+)
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -37,12 +49,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("alarmpost.http")
 
 SERVER_KEY: web.AppKey[CentralServer] = web.AppKey("server")
+KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this
 
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authentication, error shaping and request counting for every endpoint."""
+    """Authentication, error shaping and request counting for every endpoint. Nothing a
+    client sends escapes it: input errors are a counted 4xx; anything else, a logged 500."""
     server = request.app[SERVER_KEY]
+    try:
+        return await _guarded(server, request, handler)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        server.metrics.inc("http_requests_total", status=str(exc.status))
+        return error(exc.status, exc.reason)
+    except BadInput as exc:
+        return bad_input(server.metrics, request, exc)
+    except Exception:
+        server.metrics.inc("http_requests_total", status="500")
+        log.exception("error guarding %s %s", request.method, request.path[:200])
+        return error(500, "internal error; see the server log")
+
+
+async def _guarded(server: CentralServer, request: web.Request,
+                   handler: Handler) -> web.StreamResponse:
     if is_console_path(request.path):
         return await console_guard(request, handler)
     if is_patrol_path(request.path):  # the patrol teams' app: team sessions (server.patrol_web)
@@ -59,10 +90,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise web.HTTPBadRequest(reason="limit must be an integer from 1 to 1000")
-    return int(raw)
+    return query_int(request, "limit", 100, 1, 1000)
 
 
 def _live(server: CentralServer, row: dict[str, Any]) -> dict[str, Any]:
@@ -106,12 +134,13 @@ async def incident(request: web.Request) -> web.Response:
 
 async def events(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
-    return web.json_response(server.storage.events(request.query.get("post"), _limit(request)))
+    post_id = query_str(request, "post", 64, valid_post_id)
+    return web.json_response(server.storage.events(post_id, _limit(request)))
 
 
 async def faults(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
-    open_only = request.query.get("open", "0") in {"1", "true", "yes"}
+    open_only = query_str(request, "open", 5) in {"1", "true", "yes"}
     return web.json_response(server.storage.faults(open_only, _limit(request)))
 
 
@@ -128,6 +157,13 @@ async def healthz(request: web.Request) -> web.Response:
 def make_app(server: CentralServer) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
     app[SERVER_KEY] = server
+    app[LIMITS_KEY] = HttpLimits(read_timeout_s=server.config.http.read_timeout_s)
+    m = server.metrics
+    m.counter("http_bad_input_total", "HTTP bodies, parameters and WebSocket messages refused "
+              "before use, by reason")
+    m.counter("http_refused_total", "HTTP connections refused, by reason (header_timeout)")
+    m.counter("login_refused_total", "Login attempts refused unchecked (429), by app and reason")
+    m.counter("login_delayed_total", "Login attempts slowed down (a name being guessed at), by app")
     app.router.add_get("/api/posts", posts)
     app.router.add_get("/api/posts/{post_id}", post)
     app.router.add_get("/api/incidents", incidents)
@@ -145,7 +181,10 @@ def make_app(server: CentralServer) -> web.Application:
 
 
 async def start_http(server: CentralServer) -> web.AppRunner:
-    runner = web.AppRunner(make_app(server), access_log=None, handle_signals=False)
+    runner = DeadlineAppRunner(
+        make_app(server), access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_S,
+        header_timeout_s=server.config.http.read_timeout_s,
+        on_timeout=lambda: server.metrics.inc("http_refused_total", reason="header_timeout"))
     await runner.setup()
     console = server.config.console
     tls = None

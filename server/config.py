@@ -37,6 +37,7 @@ class HttpSection:
     host: str = "127.0.0.1"
     port: int = 8080
     api_token: str = ""  # required: every endpoint wants "Authorization: Bearer <token>"
+    read_timeout_s: float = 10.0  # a request's headers, then its body, must arrive within this
 
 
 @dataclass
@@ -78,8 +79,10 @@ class ConsoleSection:
     secure_cookies: bool = False  # force "Secure" cookies (behind a TLS proxy); automatic on HTTPS
     tls_cert_file: str = ""  # serve HTTP over TLS (needed for a console reached by a LAN address)
     tls_key_file: str = ""
-    login_attempts: int = 5  # failed logins allowed per address and per name...
+    login_attempts: int = 5  # failed (or unfinished) logins allowed per address...
     login_window_s: float = 60.0  # ...within this window, then 429 until it slides
+    login_delay_s: float = 0.5  # a name with recent failures: its next check waits this long,
+    login_max_delay_s: float = 8.0  # doubling with each failure up to this (never a lockout)
     command_timeout_s: float = 10.0  # a command not confirmed by the post by then is timed out
     call_timeout_s: float = 10.0  # a post that does not answer a call offer by then: failed
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs for browsers; none on a LAN
@@ -121,6 +124,15 @@ class ServerConfig:
             )
         if self.database.synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
             raise ConfigError("[database] synchronous must be FULL, EXTRA or NORMAL")
+        if self.http.read_timeout_s <= 0:
+            raise ConfigError("[http] read_timeout_s must be > 0")
+        c = self.console
+        if c.login_attempts < 1 or c.login_window_s <= 0 or c.login_delay_s < 0 \
+                or c.login_max_delay_s < c.login_delay_s:
+            raise ConfigError(
+                "[console] login_attempts must be >= 1, login_window_s > 0, login_delay_s >= 0 "
+                "and login_max_delay_s >= login_delay_s"
+            )
         d = self.dispatch
         if d.answer_timeout_s <= 0 or d.direct_pages < 0 or d.broadcast_radius_km < 0 \
                 or d.zone_margin_km < 0 or d.speed_kmh <= 0 or d.position_max_age_s <= 0:

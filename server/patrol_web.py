@@ -50,8 +50,9 @@ from protocol.messages import Page, PageWithdrawn, Rejected
 from protocol.topics import team_topic, valid_team_id
 from server.console.auth import (
     CSRF_HEADER,
-    LoginLimiter,
     hash_password,
+    login_limiter,
+    login_refused,
     same_token,
     token_digest,
     verify_password,
@@ -60,10 +61,12 @@ from server.dispatch import NotifierUnavailable
 from server.incidents import CLASSIFICATIONS
 from server.patrol import Team, TeamError, ensure_schema
 from server.webutil import (
+    BadInput,
     Handler,
     error,
     forgery_refusal,
     json_body,
+    parse_json,
     refuse,
     run_handler,
     same_origin,
@@ -158,7 +161,7 @@ class TeamLogins:
         return token, session
 
     def session(self, token: str) -> TeamSession | None:
-        if not token or len(token) > 128:
+        if not token or len(token) > 128 or not token.isascii():
             return None
         row = self.db.execute(
             "SELECT s.team_id, s.csrf, s.expires_at FROM team_sessions s "
@@ -217,8 +220,7 @@ class PatrolApp:
         db = getattr(server.storage, "db", None)
         assert db is not None, "the patrol app needs the SQLite storage"
         self.logins = TeamLogins(db, server.config.patrol_app.session_ttl_s)
-        console = server.config.console
-        self.limiter = LoginLimiter(console.login_attempts, console.login_window_s)
+        self.limiter = login_limiter(server)
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.notifier = WebNotifier(self)
 
@@ -410,19 +412,20 @@ async def login(request: web.Request) -> web.Response:
     team_id = str_field(body, "team", 64).strip()
     password = str_field(body, "password", 1024)
     remote = request.remote or "?"
-    wait = app.limiter.retry_after(remote, team_id)
-    if wait > 0:
+
+    async def check() -> bool | None:
+        return True if await app.logins.verify(team_id, password) else None
+
+    result = await app.limiter.attempt(remote, team_id, check)
+    if result.retry_after > 0:
         server.metrics.inc("patrol_web_logins_total", result="rate_limited")
-        log.warning("patrol app login of team %r from %s rate-limited (%.0f s)", team_id, remote,
-                    wait)
-        return error(429, f"too many failed logins; try again in {int(wait) + 1} s",
-                      **{"Retry-After": str(int(wait) + 1)})
-    if not await app.logins.verify(team_id, password):
-        app.limiter.failed(remote, team_id)
+        return login_refused(server.metrics, "patrol", remote, team_id, result.retry_after)
+    if result.delay > 0:
+        server.metrics.inc("login_delayed_total", app="patrol")
+    if result.value is None:
         server.metrics.inc("patrol_web_logins_total", result="failed")
         log.warning("failed patrol app login for team %r from %s", team_id, remote)
         return error(401, "wrong team or password")
-    app.limiter.succeeded(team_id)
     token, session = app.logins.create_session(team_id)
     server.metrics.inc("patrol_web_logins_total", result="ok")
     log.info("team %s logged in to the patrol app from %s", team_id, remote)
@@ -528,10 +531,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         await ws.send_json({"type": "hello", "state": app.state(team_id), "at": time.time()})
         async for msg in ws:
-            if msg.type == WSMsgType.TEXT and msg.data == '{"type":"ping"}':
-                await ws.send_json({"type": "pong"})
-            elif msg.type == WSMsgType.ERROR:
+            if msg.type == WSMsgType.ERROR:
                 break
+            if msg.type == WSMsgType.TEXT and _is_ping(msg.data):
+                await ws.send_json({"type": "pong"})
             else:
                 server.metrics.inc("patrol_web_refused_total", reason="ws_message")
                 await ws.send_json({"type": "error",
@@ -544,6 +547,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if not sockets:
             app.sockets.pop(team_id, None)
     return ws
+
+
+def _is_ping(raw: str) -> bool:
+    """A ``{"type": "ping"}`` frame (parsed within the shared bounds), the only one accepted."""
+    try:
+        message = parse_json(raw, max_bytes=MAX_WS_MESSAGE)
+    except BadInput:
+        return False
+    return message == {"type": "ping"}
 
 
 async def _close_sockets(app: web.Application) -> None:

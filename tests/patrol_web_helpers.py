@@ -8,7 +8,7 @@ import sqlite_utils
 
 from provisioning import deployment as d
 from server.patrol_web import set_app_password
-from tests.helpers import BrowserClient
+from tests.console_helpers import FromAddress
 
 APP_PASSWORD = "patrol car password"
 
@@ -22,7 +22,7 @@ def give_app_passwords(dep: d.Deployment, *team_ids: str) -> None:
         db.close()
 
 
-class Phone(BrowserClient):
+class Phone(FromAddress):
     """One team's phone."""
 
     prefix = "/patrol"

@@ -124,11 +124,13 @@ async def test_login_is_rate_limited(server: CentralServer, deployment: d.Deploy
 
 def test_limiter_window_slides() -> None:
     limiter = LoginLimiter(attempts=2, window_s=10)
-    limiter.failed("1.2.3.4", "a", now=0)
-    limiter.failed("1.2.3.4", "b", now=1)
-    assert limiter.retry_after("1.2.3.4", "c", now=2) == pytest.approx(8)  # by address
-    assert limiter.retry_after("5.6.7.8", "a", now=2) == 0  # one failure on "a" only
-    assert limiter.retry_after("1.2.3.4", "c", now=10.5) == 0
+    limiter.failed(limiter.begin("1.2.3.4", "a", now=0), now=0)
+    limiter.failed(limiter.begin("1.2.3.4", "b", now=1), now=1)
+    refused = limiter.begin("1.2.3.4", "c", now=2)
+    assert not refused.admitted and refused.retry_after == pytest.approx(8)  # by address
+    other = limiter.begin("5.6.7.8", "a", now=2)
+    assert other.admitted and other.delay == 0  # one failure on "a": no delay yet
+    assert limiter.begin("1.2.3.4", "c", now=10.5).admitted
 
 
 def test_accounts_reject_bad_input(tmp_path) -> None:

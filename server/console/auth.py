@@ -24,11 +24,18 @@ import logging
 import re
 import secrets
 import time
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import argon2
 import sqlite_utils
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from server.app import CentralServer
+    from server.metrics import Metrics
 
 log = logging.getLogger("alarmpost.console.auth")
 
@@ -88,6 +95,9 @@ CREATE TRIGGER IF NOT EXISTS console_audit_no_delete BEFORE DELETE ON console_au
 """
 
 
+T = TypeVar("T")
+
+
 class UserError(ValueError):
     """A bad account name, role or password; the message says what to change."""
 
@@ -121,6 +131,19 @@ token_digest = _digest  # what a sessions table stores instead of the token (pat
 
 _HASHER: Final = argon2.PasswordHasher()
 _dummy_hash: str | None = None
+# Password checks under way at once (each ~0.1 s of a core): a flood of logins queues here
+# instead of taking every core from the alarm path.
+CHECK_SLOTS: Final = 2
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary())
+
+
+def _check_slots() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    slots = _slots.get(loop)
+    if slots is None:
+        slots = _slots[loop] = asyncio.Semaphore(CHECK_SLOTS)
+    return slots
 
 
 def hash_password(password: str) -> str:
@@ -145,7 +168,8 @@ async def verify_password(stored: str | None, password: str) -> bool:
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
             return False
 
-    return await asyncio.to_thread(check) and stored is not None
+    async with _check_slots():
+        return await asyncio.to_thread(check) and stored is not None
 
 
 class Accounts:
@@ -264,7 +288,7 @@ class Accounts:
         return token, session
 
     def session(self, token: str, now: float | None = None) -> Session | None:
-        if not token or len(token) > 128:
+        if not token or len(token) > 128 or not token.isascii():
             return None
         now = time.time() if now is None else now
         row = self.db.execute(
@@ -303,48 +327,192 @@ class Accounts:
         row = self.db.execute(
             "SELECT name, role, password_hash FROM console_users WHERE name=? AND disabled=0",
             (name,),
-        ).fetchone() if _NAME_RE.match(name) else None
+        ).fetchone() if _NAME_RE.fullmatch(name) else None
         ok = await verify_password(row[2] if row else None, password)
         return User(row[0], row[1]) if (ok and row) else None
 
 
+@dataclass
+class LoginTicket:
+    """One login attempt, taken from :meth:`LoginLimiter.begin` before the password is checked.
+
+    ``admitted`` False: refuse it (429), ``retry_after`` seconds from now. Admitted: wait
+    ``delay`` seconds (the name is being guessed at), check the password, then report the
+    outcome with :meth:`LoginLimiter.failed` or :meth:`LoginLimiter.succeeded`."""
+
+    remote: str
+    name: str
+    admitted: bool
+    retry_after: float = 0.0
+    delay: float = 0.0
+    open: bool = True
+
+
+class _Recent:
+    """Failures within the window, plus attempts under way (counted before they are checked)."""
+
+    __slots__ = ("failures", "pending")
+
+    def __init__(self) -> None:
+        self.failures: collections.deque[float] = collections.deque()
+        self.pending = 0
+
+    def slide(self, now: float, window_s: float) -> int:
+        while self.failures and self.failures[0] <= now - window_s:
+            self.failures.popleft()
+        return len(self.failures) + self.pending
+
+
 class LoginLimiter:
-    """At most ``attempts`` failed logins per ``window_s``, per remote address and per name.
+    """The one login limit of the console and the patrol app.
 
-    A success does not clear the address's count (a guesser who also owns one account must not
-    reset the counter with it); it clears the name's."""
+    * Counted before the check: :meth:`begin` takes the attempt's place synchronously (no await
+      between reading the count and taking the place), so any number of concurrent attempts
+      see each other; a slow password hash cannot let a burst through.
+    * Per remote address, refusing: at most ``attempts`` failed or unfinished logins within
+      ``window_s``; past that, 429 with Retry-After. A success gives its place back (an office
+      behind one address can log in all its operators), failures keep theirs for the window.
+    * Per name, slowing down, never locking: once a name has ``free`` recent failures (or
+      attempts under way), each attempt at it waits ``delay_s``, doubling, at most
+      ``max_delay_s``, before its password is checked. A stranger who knows an operator's name
+      cannot keep the operator out: the operator, from another address, with the right password,
+      is in after at most ``max_delay_s``. A success clears the name.
+    * Bounded memory: at most ``max_keys`` addresses and ``max_keys`` names are remembered; past
+      that the oldest idle ones are forgotten first.
+    """
 
-    def __init__(self, attempts: int = 5, window_s: float = 60.0) -> None:
+    def __init__(self, attempts: int = 5, window_s: float = 60.0, delay_s: float = 0.5,
+                 max_delay_s: float = 8.0, free: int = 3, max_keys: int = 10_000) -> None:
         self.attempts = attempts
         self.window_s = window_s
-        self._failures: dict[str, collections.deque[float]] = {}
+        self.delay_s = delay_s
+        self.max_delay_s = max_delay_s
+        self.free = free
+        self.max_keys = max_keys
+        self._addresses: dict[str, _Recent] = {}
+        self._names: dict[str, _Recent] = {}
 
-    def _recent(self, key: str, now: float) -> collections.deque[float]:
-        q = self._failures.setdefault(key, collections.deque())
-        while q and q[0] <= now - self.window_s:
-            q.popleft()
-        return q
+    @staticmethod
+    def _name_key(name: str) -> str:
+        return name.strip().lower()[:128]
 
-    def retry_after(self, remote: str, name: str, now: float | None = None) -> float:
-        """Seconds until another attempt is allowed (0: now)."""
+    def _entry(self, table: dict[str, _Recent], key: str, now: float) -> _Recent:
+        entry = table.get(key)
+        if entry is None:
+            if len(table) >= self.max_keys:
+                self._prune(table, now)
+            entry = table[key] = _Recent()
+        return entry
+
+    def _prune(self, table: dict[str, _Recent], now: float) -> None:
+        for key in [k for k, e in table.items() if not e.slide(now, self.window_s)]:
+            del table[key]
+        if len(table) >= self.max_keys:  # still full: forget the oldest idle entries
+            idle = [k for k, e in table.items() if not e.pending]
+            for key in idle[: len(table) - self.max_keys * 3 // 4]:
+                del table[key]
+
+    def begin(self, remote: str, name: str, now: float | None = None) -> LoginTicket:
         now = time.monotonic() if now is None else now
-        wait = 0.0
-        for key in (f"ip:{remote}", f"user:{name.lower()}"):
-            q = self._recent(key, now)
-            if len(q) >= self.attempts:
-                wait = max(wait, q[0] + self.window_s - now)
-        return wait
+        address = self._entry(self._addresses, remote, now)
+        used = address.slide(now, self.window_s)
+        if used >= self.attempts:
+            # The wait until enough failures age out, assuming the attempts under way fail.
+            needed = used - self.attempts + 1
+            if needed <= len(address.failures):
+                wait = address.failures[needed - 1] + self.window_s - now
+            else:
+                wait = self.window_s
+            return LoginTicket(remote, name, admitted=False, retry_after=max(wait, 1.0),
+                               open=False)
+        named = self._entry(self._names, self._name_key(name), now)
+        seen = named.slide(now, self.window_s)
+        delay = 0.0
+        if seen >= self.free:
+            delay = min(self.max_delay_s, self.delay_s * 2 ** min(seen - self.free, 30))
+        address.pending += 1
+        named.pending += 1
+        return LoginTicket(remote, name, admitted=True, delay=delay)
 
-    def failed(self, remote: str, name: str, now: float | None = None) -> None:
+    def _finish(self, ticket: LoginTicket) -> tuple[_Recent | None, _Recent | None]:
+        if not ticket.open:
+            return None, None
+        ticket.open = False
+        address = self._addresses.get(ticket.remote)
+        named = self._names.get(self._name_key(ticket.name))
+        for entry in (address, named):
+            if entry is not None and entry.pending > 0:
+                entry.pending -= 1
+        return address, named
+
+    def failed(self, ticket: LoginTicket, now: float | None = None) -> None:
+        """A wrong password (or an attempt abandoned on the way): it counts for the window."""
         now = time.monotonic() if now is None else now
-        for key in (f"ip:{remote}", f"user:{name.lower()}"):
-            self._recent(key, now).append(now)
-        if len(self._failures) > 10_000:  # bounded memory under a spray of names
-            for key in [k for k, q in self._failures.items() if not q]:
-                del self._failures[key]
+        address, named = self._finish(ticket)
+        for entry in (address, named):
+            if entry is not None:
+                entry.failures.append(now)
 
-    def succeeded(self, name: str) -> None:
-        self._failures.pop(f"user:{name.lower()}", None)
+    def succeeded(self, ticket: LoginTicket, now: float | None = None) -> None:
+        """The right password: the address's place is given back, the name's failures cleared."""
+        _, named = self._finish(ticket)
+        if named is not None:
+            named.failures.clear()
+
+    def size(self) -> int:
+        """Addresses and names remembered (bounded by ``2 * max_keys``)."""
+        return len(self._addresses) + len(self._names)
+
+    async def attempt(self, remote: str, name: str,
+                      check: Callable[[], Awaitable[T | None]]) -> LoginResult[T]:
+        """Take the attempt's place, wait the name's delay, run ``check`` (None: wrong
+        password), record the outcome. An attempt abandoned on the way (the client went away
+        during the delay) counts as failed."""
+        ticket = self.begin(remote, name)
+        if not ticket.admitted:
+            return LoginResult(None, ticket.retry_after, 0.0)
+        try:
+            if ticket.delay > 0:
+                await asyncio.sleep(ticket.delay)
+            value = await check()
+        except BaseException:
+            self.failed(ticket)
+            raise
+        if value is None:
+            self.failed(ticket)
+        else:
+            self.succeeded(ticket)
+        return LoginResult(value, 0.0, ticket.delay)
+
+
+@dataclass(frozen=True)
+class LoginResult(Generic[T]):
+    """What :meth:`LoginLimiter.attempt` found: ``retry_after`` > 0, refused without a check;
+    else ``value`` (None: wrong name or password), after waiting ``delay`` seconds."""
+
+    value: T | None
+    retry_after: float
+    delay: float
+
+
+def login_limiter(server: CentralServer) -> LoginLimiter:
+    """The login limit of one app (console, patrol app) from the [console] settings."""
+    cfg = server.config.console
+    return LoginLimiter(cfg.login_attempts, cfg.login_window_s, cfg.login_delay_s,
+                        cfg.login_max_delay_s)
+
+
+def login_refused(metrics: Metrics, app: str, remote: str, name: str,
+                  retry_after: float) -> web.Response:
+    """429 for a login refused unchecked: too many failed or unfinished logins from ``remote``."""
+    metrics.inc("login_refused_total", app=app, reason="address")
+    if app == "console":
+        metrics.inc("console_logins_total", result="rate_limited")
+    seconds = str(int(retry_after) + 1)
+    log.warning("%s login of %r from %s refused: too many attempts from there (%s s)", app,
+                name[:64], remote, seconds)
+    return web.json_response({"error": f"too many failed logins; try again in {seconds} s"},
+                             status=429, headers={"Retry-After": seconds})
 
 
 def same_token(given: str, expected: str) -> bool:

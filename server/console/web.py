@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -53,17 +52,21 @@ from server.console.auth import (
     ROLES,
     SESSION_COOKIE,
     Accounts,
-    LoginLimiter,
     Session,
     UserError,
+    login_limiter,
+    login_refused,
     same_token,
 )
 from server.incidents import CLASSIFICATIONS, STATES, InvalidTransition
 from server.webutil import (
+    BadInput,
     Handler,
     error,
     forgery_refusal,
     json_body,
+    parse_json,
+    query_str,
     refuse,
     run_handler,
     same_origin,
@@ -91,7 +94,7 @@ class ConsoleState:
         db = getattr(server.storage, "db", None)
         assert db is not None, "the console needs the SQLite storage"
         self.accounts = Accounts(db, cfg.session_ttl_s)
-        self.limiter = LoginLimiter(cfg.login_attempts, cfg.login_window_s)
+        self.limiter = login_limiter(server)
         self.sockets: set[web.WebSocketResponse] = set()
         self.socket_users: dict[web.WebSocketResponse, str] = {}
 
@@ -212,20 +215,18 @@ async def login(request: web.Request) -> web.Response:
     name = str_field(body, "name", 64)
     password = str_field(body, "password", 1024)
     remote = request.remote or "?"
-    wait = state.limiter.retry_after(remote, name)
-    if wait > 0:
-        server.metrics.inc("console_logins_total", result="rate_limited")
-        log.warning("login of %r from %s rate-limited (%.0f s)", name, remote, wait)
-        return error(429, f"too many failed logins; try again in {int(wait) + 1} s",
-                      **{"Retry-After": str(int(wait) + 1)})
-    user = await state.accounts.verify_async(name, password)
+    result = await state.limiter.attempt(
+        remote, name, lambda: state.accounts.verify_async(name, password))
+    if result.retry_after > 0:
+        return login_refused(server.metrics, "console", remote, name, result.retry_after)
+    if result.delay > 0:
+        server.metrics.inc("login_delayed_total", app="console")
+    user = result.value
     if user is None:
-        state.limiter.failed(remote, name)
         server.metrics.inc("console_logins_total", result="failed")
         state.accounts.audit(name, "login_failed", remote=remote)
         log.warning("failed login for %r from %s", name, remote)
         return error(401, "wrong name or password")
-    state.limiter.succeeded(name)
     token, session = state.accounts.create_session(user)
     server.metrics.inc("console_logins_total", result="ok")
     state.accounts.audit(user.name, "login", remote=remote)
@@ -430,7 +431,7 @@ async def posts(request: web.Request) -> web.Response:
 @needs("posts.view")
 async def commands(request: web.Request) -> web.Response:
     server = request.app[CONSOLE_KEY].server
-    post_id = request.query.get("post")
+    post_id = query_str(request, "post", 64, valid_post_id)
     return web.json_response(server.commands.recent(post_id, 100))
 
 
@@ -606,10 +607,11 @@ class ConsoleSocket:
 
     async def on_message(self, raw: str) -> None:
         try:
-            message = json.loads(raw)
-        except json.JSONDecodeError:
-            self.reject("malformed", raw[:80])
-            await self.send({"type": "error", "error": "messages must be JSON objects"})
+            message = parse_json(raw, max_bytes=MAX_WS_MESSAGE)
+        except BadInput as exc:
+            self.reject("malformed", f"{exc.reason}, {len(raw)} characters")
+            await self.send({"type": "error", "error": f"messages must be JSON objects: "
+                                                       f"{exc.message}"})
             return
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             self.reject("malformed", raw[:80])
@@ -638,6 +640,7 @@ class ConsoleSocket:
         incident_id = message.get("incident_id")
         if not isinstance(post_id, str) or post_id not in self.server.live:
             self.reject("bad_call", "unknown post")
+            post_id = post_id[:64] if isinstance(post_id, str) else None  # never echo a structure
             await self.send({"type": "call.error", "post_id": post_id, "reason": "invalid",
                              "error": "unknown post"})
             return
@@ -720,7 +723,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                          "calls": server.calls.active(), "at": time.time()})
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                await sock.on_message(msg.data)
+                try:
+                    await sock.on_message(msg.data)
+                except Exception:  # a message must never end the socket's loop
+                    sock.reject("error", f"{len(msg.data)} characters")
+                    log.exception("console ws of %s: error handling a message",
+                                  session.user.name)
+                    await sock.send({"type": "error", "error": "that message failed; see the "
+                                                               "server log"})
             elif msg.type == WSMsgType.BINARY:
                 sock.reject("binary", "")
                 await sock.send({"type": "error", "error": "text messages only"})
