@@ -10,7 +10,15 @@ The alarm path on the post, in order:
 5. the ACK removes it from the outbox and lights the "help is coming" lamp.
 
 Presence: a retained ``online`` status on connect, a retained ``offline`` Last Will, an explicit
-``offline`` on a clean stop, and a heartbeat every ``timing.heartbeat_s``.
+``offline`` on a clean stop, and a heartbeat every ``timing.heartbeat_s``, which also lists the
+faults the post knows of itself: ``storage`` (the outbox cannot be opened or written: events are
+kept in memory, see :mod:`edge.storage`) and ``session_taken_over`` (another client took this post's
+broker session within :data:`TAKEOVER_FAULT_S`: a cloned credential).
+
+Everything the agent receives is handled inside one boundary (:meth:`EdgeAgent._receiver`): a
+message that is refused or whose handling fails is counted by reason in ``counters``, logged with
+its topic and size, and the agent carries on. Reconnects back off (:class:`edge.backoff.Backoff`)
+and start fast again after a connection that lived.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ import contextlib
 import dataclasses
 import logging
 import random
-import sqlite3
 import ssl
 import time
 from collections import Counter, OrderedDict
@@ -32,10 +39,12 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.backoff import Backoff
 from edge.config import EdgeConfig
 from edge.hardware import GpioHardware, Hardware
 from edge.intercom import Intercom
 from edge.outbox import Outbox, Pending
+from edge.storage import EventStore
 from protocol.messages import (
     Ack,
     CallSignal,
@@ -46,6 +55,7 @@ from protocol.messages import (
     Rejected,
     ServerStatus,
     Status,
+    decode_from_post,
     decode_from_server,
     encode,
 )
@@ -54,6 +64,13 @@ from protocol.transport import SOCKET_OPTIONS
 from protocol.ulid import new_ulid
 
 log = logging.getLogger("alarmpost.edge")
+
+# MQTT 5 DISCONNECT reason "Session taken over": another client connected with this post's id
+# (with ``use_username_as_clientid``: with this post's credential). Reported for this long after.
+SESSION_TAKEN_OVER = 0x8E
+TAKEOVER_FAULT_S = 600.0
+# A connection that stayed up this long proves the broker fine: the next outage retries fast.
+CONNECTION_LIVED_S = 3.0
 
 
 class _PostLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -72,12 +89,21 @@ class _MqttClient(aiomqtt.Client):
     must not pass silently, or a misconfigured post would resend into the void forever."""
 
     on_refused: Callable[[int], None] | None = None
+    on_taken_over: Callable[[], None] | None = None
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:
         if getattr(reason_code, "is_failure", False) and self.on_refused is not None:
             self.on_refused(int(reason_code.value))
         super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any = None) -> None:
+        # paho hands over the reason of a DISCONNECT the broker sent (MQTT 5); aiomqtt turns it
+        # into a bare MqttCodeError. A cloned credential must be seen, so look at it first.
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER and self.on_taken_over:
+            self.on_taken_over()
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
 
 @dataclass
@@ -94,25 +120,28 @@ class EdgeAgent:
         self.config = config
         self.post_id = config.post.id
         self.hardware: Hardware = hardware if hardware is not None else GpioHardware(config.hardware)
-        self.outbox = Outbox(config.outbox_path)
         self.log = _PostLog(log, {"post": self.post_id})
         self.counters: Counter[str] = Counter()
+        # Opened by run(): a disk that fails (even at boot) never keeps the button from working.
+        self.store = EventStore(config.outbox_path, self.log, self.counters)
         self.started = asyncio.Event()  # the button is being read
         self.connected = asyncio.Event()
         self.server_online = False
         self.ack_listeners: list[AckListener] = []
         self.press_listeners: list[PressListener] = []
         self.sent_listeners: list[SentListener] = []
-        self._inflight: OrderedDict[str, _InFlight] = OrderedDict(
-            (p.id, _InFlight(p)) for p in self.outbox.pending()
-        )
+        self._inflight: OrderedDict[str, _InFlight] = OrderedDict()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._started = time.monotonic()
+        self._started_wall = time.time()
+        self._sent_status: OrderedDict[bytes, None] = OrderedDict()
         self._siren_timer: asyncio.TimerHandle | None = None
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
-        self._memory_seq = 0
         self._client: aiomqtt.Client | None = None
+        self.reconnect = Backoff(initial_s=0.2, cap_s=config.timing.reconnect_max_s,
+                                 lived_s=CONNECTION_LIVED_S)
+        self._taken_over_at: float | None = None  # monotonic time of the last takeover
         self._topics = {k: post_topic(self.post_id, k) for k in ("event", "heartbeat", "status",
                                                                    "cmdresult", "ack", "cmd",
                                                                    "call", "callstate")}
@@ -122,37 +151,49 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ the press
     def _on_press(self, hold_ms: int) -> None:
-        """An accepted press. Outputs first, then the outbox; never waits for the network."""
+        """An accepted press. Outputs first, then the outbox (or memory, if the disk fails);
+        never waits for the network, and no failing part stops the others."""
         if not self.config.post.silent:
-            self.hardware.set_strobe(True)
-            self.hardware.set_siren(True)
+            self._output("strobe", self.hardware.set_strobe)
+            self._output("siren", self.hardware.set_siren)
             self._arm_siren_timeout()
         now = time.time()
 
-        def make(seq: int) -> Event:
-            return Event(id=new_ulid(now), post=self.post_id, seq=seq, ts=now, hold_ms=hold_ms)
+        def make(seq: int, epoch: str) -> Event:
+            return Event(id=new_ulid(now), post=self.post_id, seq=seq, ts=now, hold_ms=hold_ms,
+                         epoch=epoch)
 
-        try:
-            event = self.outbox.add(make)
-        except sqlite3.Error as exc:
-            # A full or broken disk must not swallow the alarm: send it from memory.
-            self.counters["outbox_errors"] += 1
-            self._memory_seq = max(self._memory_seq, self.outbox_last_seq_safe()) + 1
-            event = make(self._memory_seq)
-            self.log.error("outbox write failed (%s): event %s kept in memory only", exc, event.id)
+        event = self.store.add(make)
         self.counters["presses"] += 1
         self._inflight[event.id] = _InFlight(Pending(event.seq, event.id, encode(event)))
         self.log.info("press accepted: event %s seq %d (held %d ms)", event.id, event.seq, hold_ms)
         self._wake.set()
         for listener in self.press_listeners:
-            listener(event)
+            self._notify(listener, event)
         self.intercom.preload()  # the post rings: load the media stack before the answer
 
-    def outbox_last_seq_safe(self) -> int:
+    def _output(self, name: str, set_output: Callable[[bool], None]) -> None:
         try:
-            return self.outbox.last_seq
-        except sqlite3.Error:
-            return max((i.entry.seq for i in self._inflight.values()), default=0)
+            set_output(True)
+        except Exception as exc:  # a dead strobe driver must not keep the siren off
+            self.counters["output_errors"] += 1
+            self.log.error("could not switch the %s on: %s", name, exc)
+
+    def _notify(self, listener: Callable[..., None], *args: Any) -> None:
+        try:
+            listener(*args)
+        except Exception:
+            self.counters["listener_errors"] += 1
+            self.log.exception("a listener failed")
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The open outbox; None while storage fails (events are then kept in memory)."""
+        return self.store.outbox
+
+    @property
+    def epoch(self) -> str:
+        return self.store.epoch
 
     def _arm_siren_timeout(self) -> None:
         if self._siren_timer is not None:
@@ -177,38 +218,57 @@ class EdgeAgent:
     async def run(self) -> None:
         """Connect, reconnect after every failure, until :meth:`stop`."""
         loop = asyncio.get_running_loop()
+        for entry in self.store.open():
+            self._inflight[entry.id] = _InFlight(entry)
         self.hardware.start(loop, self._on_press)
         self.started.set()
         self.log.info(
-            "agent started (outbox %s, %d pending, silent=%s)",
-            self.config.outbox_path, len(self._inflight), self.config.post.silent,
+            "agent started (outbox %s, %d pending, epoch %s, silent=%s)",
+            self.config.outbox_path, len(self._inflight), self.epoch, self.config.post.silent,
         )
-        delay = 0.2
+        storage_watch = asyncio.create_task(self._watch_storage())
         try:
             while not self._stopping.is_set():
+                takeovers = self.counters["session_taken_over"]
                 try:
                     await self._session()
-                    delay = 0.2
+                    self.reconnect.reset()
                 except aiomqtt.MqttError as exc:
                     self.counters["disconnects"] += 1
-                    self.log.warning("broker connection lost or refused: %s; retrying in %.1f s",
-                                     exc, delay)
+                    self.log.warning("broker connection lost or refused: %s", exc)
+                except Exception:  # a fault of ours must not end the post: count, log, reconnect
+                    self.counters["session_errors"] += 1
+                    self.log.exception("broker session failed")
                 finally:
                     self._client = None
                     self.connected.clear()
                     self.server_online = False
+                    # Fast again after a connection that lived, unless a clone took it from us
+                    # (then fast retries would only make the two devices fight faster).
+                    self.reconnect.disconnected(
+                        reset_if_lived=self.counters["session_taken_over"] == takeovers)
                 if self._stopping.is_set():
                     break
+                delay = self.reconnect.next_delay()
+                self.log.info("reconnecting in %.1f s", delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.config.timing.reconnect_max_s)
+                    await asyncio.wait_for(self._stopping.wait(), delay)
         finally:
+            storage_watch.cancel()
+            await asyncio.gather(storage_watch, return_exceptions=True)
             if self._siren_timer is not None:
                 self._siren_timer.cancel()
-            self.outbox.close()
+            self.store.close()
             self.hardware.close()
             await self.intercom.close()
             self.log.info("agent stopped")
+
+    async def _watch_storage(self) -> None:
+        """While the outbox fails, try it again every ``[outbox] retry_s``."""
+        while True:
+            await asyncio.sleep(self.config.outbox.retry_s)
+            if self.store.fault:
+                self.store.recover()
 
     def _client_args(self) -> dict[str, object]:
         m = self.config.mqtt
@@ -216,8 +276,8 @@ class EdgeAgent:
         props.SessionExpiryInterval = m.session_expiry_s
         will = aiomqtt.Will(
             self._topics["status"],
-            encode(Status(post=self.post_id, state="offline", ts=time.time(),
-                          reason="connection lost")),
+            self._own_status(Status(post=self.post_id, state="offline", ts=time.time(),
+                                    reason="connection lost")),
             qos=1,
             retain=True,
         )
@@ -245,19 +305,21 @@ class EdgeAgent:
     async def _session(self) -> None:
         client = _MqttClient(**self._client_args())  # type: ignore[arg-type]
         client.on_refused = self._on_refused
+        client.on_taken_over = self._on_taken_over
         async with client:
             self._client = client
             await client.subscribe(
                 [(self._topics["ack"], 1), (self._topics["cmd"], 1), (self._topics["call"], 1),
-                 (server_status_topic(), 1)]
+                 (server_status_topic(), 1), (self._topics["status"], 1)]
             )
             await client.publish(
                 self._topics["status"],
-                encode(Status(post=self.post_id, state="online", ts=time.time())),
+                self._own_status(Status(post=self.post_id, state="online", ts=time.time())),
                 qos=1,
                 retain=True,
             )
             self.connected.set()
+            self.reconnect.connected()
             self.log.info("connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
             self._resend_all_now()
             tasks = [
@@ -282,8 +344,8 @@ class EdgeAgent:
                 with contextlib.suppress(aiomqtt.MqttError):
                     await client.publish(
                         self._topics["status"],
-                        encode(Status(post=self.post_id, state="offline", ts=time.time(),
-                                      reason="shutdown")),
+                        self._own_status(Status(post=self.post_id, state="offline",
+                                                ts=time.time(), reason="shutdown")),
                         qos=1,
                         retain=True,
                     )
@@ -294,6 +356,48 @@ class EdgeAgent:
             "the broker refused a publish (reason 0x%02x): this post may only publish under its "
             "own id; check that [mqtt] username is %r", code, self.post_id,
         )
+
+    def _own_status(self, status: Status) -> bytes:
+        """Encode a status this agent publishes (or leaves as its will) and remember it: any
+        other status on this post's topic comes from another device with this credential."""
+        payload = encode(status)
+        self._sent_status[payload] = None
+        while len(self._sent_status) > 32:
+            self._sent_status.popitem(last=False)
+        return payload
+
+    def _on_status_seen(self, topic: str, payload: bytes) -> None:
+        """A status on this post's own topic (retained at subscribe, or live). Mosquitto before
+        2.0.15 closes a taken-over connection without the 0x8E DISCONNECT, so this is how a clone
+        shows itself there: a device running this software with this credential announces itself
+        (online) and leaves a will (offline) that this agent did not publish. A status from before
+        this agent started is an earlier run's (its retained will or shutdown) and means nothing."""
+        if payload in self._sent_status:
+            return
+        _, status = decode_from_post(topic, payload)
+        if isinstance(status, Status) and status.ts >= self._started_wall - 1.0:
+            self._on_taken_over(f"another device published {status.state!r} on this post's "
+                                "status topic")
+
+    def _on_taken_over(self, how: str = "the broker sent DISCONNECT 0x8E, session taken over"
+                       ) -> None:
+        self.counters["session_taken_over"] += 1
+        self._taken_over_at = time.monotonic()
+        self.log.error(
+            "another device is using this post's credential (%s; %d time(s)): reported as fault "
+            "session_taken_over", how, self.counters["session_taken_over"],
+        )
+
+    @property
+    def faults(self) -> tuple[str, ...]:
+        """What the post reports about itself in its heartbeat."""
+        faults: list[str] = []
+        if self.store.fault:
+            faults.append("storage")
+        if (self._taken_over_at is not None
+                and time.monotonic() - self._taken_over_at < TAKEOVER_FAULT_S):
+            faults.append("session_taken_over")
+        return tuple(faults)
 
     # ------------------------------------------------------------------ sending
     def _resend_all_now(self) -> None:
@@ -320,7 +424,7 @@ class EdgeAgent:
                     await client.publish(topic, item.entry.payload, qos=1)  # returns on PUBACK
                     item.attempts += 1
                     for listener in self.sent_listeners:
-                        listener(item.entry.id, item.attempts)
+                        self._notify(listener, item.entry.id, item.attempts)
                     if item.attempts > 1:
                         self.counters["resends"] += 1
                         self.log.info("resent event %s (attempt %d)", item.entry.id, item.attempts)
@@ -349,32 +453,56 @@ class EdgeAgent:
             siren=hw.siren,
             help=hw.help,
             silent=self.config.post.silent,
+            faults=self.faults,
         )
 
     # ------------------------------------------------------------------ receiving
     async def _receiver(self, client: aiomqtt.Client) -> None:
+        """The agent's input boundary: whatever arrives, and whatever handling it raises, is
+        counted and logged, and the next message is read."""
         async for message in client.messages:
+            topic = str(message.topic)
             payload = message.payload if isinstance(message.payload, bytes) else b""
             try:
-                decoded = decode_from_server(str(message.topic), payload, self.post_id)
+                await self._handle(client, topic, payload)
             except Rejected as exc:
                 self.counters[f"rejected_{exc.reason}"] += 1
-                self.log.warning("rejected message on %s: %s", message.topic, exc)
-                continue
-            if isinstance(decoded, Ack):
-                self._on_ack(decoded)
-            elif isinstance(decoded, Command):
-                await self._on_command(client, decoded)
-            elif isinstance(decoded, ServerStatus):
-                self._on_server_status(decoded)
-            elif isinstance(decoded, CallSignal):
-                self._spawn_call_task(self.intercom.on_signal(decoded))
+                self.log.warning("rejected message on %s (%d bytes): %s", topic, len(payload), exc)
+            except Exception as exc:
+                self.counters["handler_errors"] += 1
+                self.log.error("message on %s (%d bytes) could not be handled: %s: %s",
+                               topic, len(payload), type(exc).__name__, str(exc)[:200],
+                               exc_info=True)
+
+    async def _handle(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        if topic == self._topics["status"]:
+            self._on_status_seen(topic, payload)
+            return
+        decoded = decode_from_server(topic, payload, self.post_id)
+        if isinstance(decoded, Ack):
+            self._on_ack(decoded)
+        elif isinstance(decoded, Command):
+            await self._on_command(client, decoded)
+        elif isinstance(decoded, ServerStatus):
+            self._on_server_status(decoded)
+        elif isinstance(decoded, CallSignal):
+            self._spawn_call_task(self.intercom.on_signal(decoded))
 
     def _spawn_call_task(self, coro: Any) -> None:
         # Answering takes a while (media stack, ICE gathering): never hold up ACKs meanwhile.
         task = asyncio.ensure_future(coro)
         self._call_tasks.add(task)
-        task.add_done_callback(self._call_tasks.discard)
+        task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Future[None]) -> None:
+        self._call_tasks.discard(task)  # type: ignore[arg-type]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.counters["call_task_errors"] += 1
+            self.log.error("call signaling failed: %s: %s", type(exc).__name__, str(exc)[:200],
+                           exc_info=exc)
 
     async def _publish_call(self, signal: CallSignal) -> None:
         client = self._client
@@ -388,16 +516,13 @@ class EdgeAgent:
         if item is None:
             self.counters["acks_unknown"] += 1  # a repeated ACK for an event already removed
             return
-        try:
-            self.outbox.remove(ack.event_id)
-        except sqlite3.Error as exc:
-            self.log.error("outbox delete failed (%s); a resend after restart is harmless", exc)
+        self.store.acked(ack.event_id)
         self.counters["acks"] += 1
         if not self.hardware.help:
             self.log.info("help is coming: event %s in incident %s", ack.event_id, ack.incident_id)
         self.hardware.set_help(True)
         for listener in self.ack_listeners:
-            listener(ack, received)
+            self._notify(listener, ack, received)
 
     def _on_server_status(self, status: ServerStatus) -> None:
         was = self.server_online

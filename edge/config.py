@@ -52,6 +52,7 @@ class TimingSection:
 @dataclass
 class OutboxSection:
     path: str = "outbox.db"
+    retry_s: float = 5.0  # while the outbox cannot be opened or written, try it again this often
 
 
 @dataclass
@@ -88,8 +89,8 @@ class EdgeConfig:
             self.mqtt.username = self.post.id
         if self.hardware.backend not in {"gpio", "mock"}:
             raise ConfigError("[hardware] backend must be \"gpio\" or \"mock\"")
-        if self.timing.heartbeat_s <= 0 or self.timing.ack_timeout_s <= 0:
-            raise ConfigError("[timing] intervals must be positive")
+        if self.timing.heartbeat_s <= 0 or self.timing.ack_timeout_s <= 0 or self.outbox.retry_s <= 0:
+            raise ConfigError("[timing] intervals and [outbox] retry_s must be positive")
 
     @property
     def outbox_path(self) -> Path:

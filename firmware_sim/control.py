@@ -1,7 +1,8 @@
 """``alarmpost sim``: simulated posts in one process, driven at random or from stdin.
 
-Every accepted event, every publish the broker took (``sent``) and every ACK is printed on stdout as one JSON line, so a script (or a
-test) can drive the fleet and watch it: ``{"type": "ack", "post": ..., "event_id": ...}``.
+Every accepted event (with its sequence number and epoch), every publish the broker took (``sent``)
+and every ACK is printed on stdout as one JSON line, so a script (or a test) can drive the fleet and
+watch it: ``{"type": "ack", "post": ..., "event_id": ...}``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def run_sim(args: argparse.Namespace) -> int:
                                      incident_id=ack.incident_id, at=at)
             )
             post.agent.press_listeners.append(
-                lambda ev: emit(type="event", post=ev.post, event_id=ev.id, seq=ev.seq, at=ev.ts)
+                lambda ev: emit(type="event", post=ev.post, event_id=ev.id, seq=ev.seq,
+                                epoch=ev.epoch, at=ev.ts)
             )
             post.agent.sent_listeners.append(
                 lambda event_id, attempt, post_id=post.post_id: emit(

@@ -1,16 +1,23 @@
-"""Edge pieces on their own: configuration, outbox durability, the button guard."""
+"""Edge pieces on their own: configuration, outbox durability and numbering, the event store
+without a disk, the button guard."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import sqlite3
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from edge.config import load_edge_config
 from edge.hardware import ButtonGuard
-from edge.outbox import Outbox
+from edge.outbox import RESERVE_BLOCK, Outbox
+from edge.storage import EventStore
 from protocol.messages import Event
 from protocol.settings import ConfigError
 from protocol.ulid import new_ulid
@@ -105,3 +112,75 @@ def test_gpio_backend_without_a_pin_library_explains_the_fix() -> None:
 
     with pytest.raises(ConfigError, match="backend = \"mock\""):
         GpioHardware(HardwareSection(backend="gpio"))
+
+
+def _event_in(epoch: str) -> Callable[[int, str], Event]:
+    return lambda seq, ep: Event(id=new_ulid(), post="P001", seq=seq, ts=time.time(), epoch=ep)
+
+
+def test_outbox_epoch_is_made_once_and_an_old_outbox_gets_one(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    epoch = box.epoch
+    assert re.fullmatch(r"[A-Za-z][0-9A-Za-z]{19}", epoch)
+    box.close()
+    assert Outbox(tmp_path / "o.db").epoch == epoch
+    # An outbox written before epochs existed: it gets one on open, and keeps it.
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.executescript(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, payload BLOB NOT "
+        "NULL, created REAL NOT NULL); CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT "
+        "NULL); INSERT INTO meta VALUES ('last_seq', 7);")
+    old.close()
+    box = Outbox(tmp_path / "old.db")
+    assert box.epoch and box.epoch != epoch
+    assert box.add(_event).seq == 8
+    box.close()
+    assert Outbox(tmp_path / "old.db").epoch == box.epoch
+
+
+def test_outbox_never_reuses_numbers_reserved_before_a_crash(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    assert [box.add(_event).seq for _ in range(2)] == [1, 2]
+    reserved = box.reserved_seq
+    assert reserved >= 2 + RESERVE_BLOCK // 2  # committed ahead of use
+    box._db.close()  # a crash: numbers 3..reserved may have been used from memory
+    box = Outbox(tmp_path / "o.db")
+    assert box.skipped == reserved - 2
+    assert box.add(_event).seq == reserved + 1
+    box.close()  # a clean close gives the unused block back: no gap
+    box = Outbox(tmp_path / "o.db")
+    assert box.add(_event).seq == reserved + 2
+    box.close()
+
+
+def test_store_without_any_readable_outbox_numbers_from_the_clock(tmp_path: Path) -> None:
+    counters: Counter[str] = Counter()
+    log = logging.getLogger("test")
+    unusable = tmp_path / "a-directory"
+    unusable.mkdir()  # SQLite can neither open nor read it
+    now = [1_800_000_000.0]
+    store = EventStore(unusable, log, counters, clock=lambda: now[0])
+    assert store.open() == []
+    assert store.fault and counters["storage_faults"] == 1
+    first = [store.add(_event_in(store.epoch)) for _ in range(3)]  # faster than the clock ticks
+    assert [e.seq for e in first] == [1_800_000_000_000, 1_800_000_000_001, 1_800_000_000_002]
+    assert first[0].epoch == store.epoch != ""
+    # A restart in the same state, 0.5 s later, numbers above the run before it.
+    now[0] += 0.5
+    again = EventStore(unusable, log, counters, clock=lambda: now[0])
+    again.open()
+    assert again.add(_event_in(again.epoch)).seq == 1_800_000_000_500
+    assert again.epoch != store.epoch  # nothing to read an epoch from: a memory epoch per run
+    assert counters["storage_faults"] == 2  # one per state change (and per run), not per press
+
+
+def test_store_moves_an_unreadable_outbox_aside_and_starts_a_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    path.write_bytes(b"this is not a database" * 100)
+    counters: Counter[str] = Counter()
+    store = EventStore(path, logging.getLogger("test"), counters)
+    store.open()
+    assert not store.fault and counters["outbox_unreadable"] == 1
+    assert store.add(_event_in(store.epoch)).seq == 1
+    assert len(list(tmp_path.glob("o.db.unreadable-*"))) == 1
+    store.close()

@@ -1,0 +1,100 @@
+"""The agent's broker connection: reconnect backoff and a cloned credential, on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from edge.config import load_edge_config
+from firmware_sim.fleet import SimPost
+from protocol.messages import Ack
+from provisioning import deployment as d
+from server.app import CentralServer
+from tests.helpers import run_posts, until
+
+
+def test_backoff_grows_to_its_cap_and_resets_only_after_a_connection_that_lived() -> None:
+    from edge.backoff import Backoff
+
+    now = [100.0]
+    backoff = Backoff(initial_s=0.2, cap_s=2.0, lived_s=3.0, jitter=0.0, clock=lambda: now[0])
+    assert [backoff.next_delay() for _ in range(6)] == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    backoff.connected()
+    now[0] += 1.0
+    backoff.disconnected()  # a connection that dropped at once: keep backing off
+    assert backoff.next_delay() == 2.0
+    backoff.connected()
+    now[0] += 3.0
+    backoff.disconnected()  # it lived: the next outage starts from the initial delay
+    assert backoff.next_delay() == 0.2
+    assert backoff.next_delay() == 0.4
+
+
+async def test_reconnect_is_fast_again_after_a_connection_that_lived(
+    deployment: d.Deployment,
+) -> None:
+    broker = deployment.mosquitto()
+    async with run_posts(deployment, "P001", timing__reconnect_max_s=2.0) as posts:
+        agent = posts["P001"].agent
+        # A first outage long enough for the backoff to reach its cap (0.2+0.4+0.8+1.6 s).
+        broker.stop()
+        await until(lambda: agent.counters["disconnects"] >= 5, 15, "backoff at its cap")
+        broker.start()
+        await until(agent.connected.is_set, 10, "reconnected after the first outage")
+        # The connection lives (the agent's threshold is 3 s): the passing of time is the point.
+        await asyncio.sleep(3.5)
+        broker.stop()
+        await until(lambda: not agent.connected.is_set(), 10, "the agent saw the second outage")
+        broker.start()
+        started = time.monotonic()
+        await until(agent.connected.is_set, 10, "reconnected after the second outage")
+        took = time.monotonic() - started
+    assert took < 1.0, f"reconnect took {took:.2f} s after a connection that lived"
+
+
+async def test_a_cloned_post_is_a_reported_fault(
+    deployment: d.Deployment, server: CentralServer, tmp_path: Path
+) -> None:
+    """Two devices with one post's credential (the broker makes the user name the client id, so
+    they take the session from each other). Mosquitto 2.0.11 closes the older connection without
+    the MQTT 5 DISCONNECT 0x8E: the agent sees the other device's status on its own topic."""
+    config = load_edge_config(deployment.post_config("P001"))
+    config.outbox.path = str(tmp_path / "clone-outbox.db")
+    clone = SimPost(config)  # the same software on a second box, with a copy of the credential
+    async with run_posts(deployment, "P001") as posts:
+        post = posts["P001"]
+        agent = post.agent
+        assert "session_taken_over" not in agent.heartbeat().faults
+        clone.start()
+        try:
+            await until(lambda: agent.counters["session_taken_over"] >= 1
+                        and clone.agent.counters["session_taken_over"] >= 1,
+                        20, "both devices saw the other take the session")
+        finally:
+            await clone.stop()
+        assert "session_taken_over" in agent.heartbeat().faults
+        # With the clone gone the post comes back and still carries alarms.
+        await until(agent.connected.is_set, 20, "the agent reconnected")
+        acked: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        agent.ack_listeners.append(lambda ack, _at: acked.done() or acked.set_result(ack))
+        await post.press()
+        await asyncio.wait_for(acked, 10)
+        assert "session_taken_over" in agent.heartbeat().faults  # reported for a while
+
+
+async def test_a_disconnect_for_session_taken_over_is_seen() -> None:
+    """Brokers that follow MQTT 5 here (Mosquitto >= 2.0.15, EMQX, HiveMQ) send DISCONNECT 0x8E
+    to the older connection; paho hands its reason to on_disconnect, aiomqtt hides it."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from edge.agent import _MqttClient
+
+    client = _MqttClient("127.0.0.1")
+    seen: list[int] = []
+    client.on_taken_over = lambda: seen.append(1)
+    client._on_disconnect(None, None, None, ReasonCode(PacketTypes.DISCONNECT, "Unspecified error"))
+    assert seen == []
+    client._on_disconnect(None, None, None, ReasonCode(PacketTypes.DISCONNECT, "Session taken over"))
+    assert seen == [1]
