@@ -147,7 +147,7 @@ def acl_text(server_users: Iterable[str] = (SERVER_USER,),
             *monitor_blocks,
             f"pattern write {post}/event",
             f"pattern write {post}/heartbeat",
-            f"pattern write {post}/status",
+            f"pattern readwrite {post}/status",  # read: a post sees a clone announce itself
             f"pattern write {post}/cmdresult",
             f"pattern write {post}/callstate",
             f"pattern read {post}/ack",
