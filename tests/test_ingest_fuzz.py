@@ -126,14 +126,22 @@ def payloads(family: str) -> st.SearchStrategy[bytes]:
 FAMILIES = [*POST_FAMILIES, *(f"team:{k}" for k in TEAM_FAMILIES)]
 
 
-def generate(n: int) -> list[tuple[str, bytes]]:
+@st.composite
+def case(draw: st.DrawFn) -> tuple[str, bytes]:
+    family = draw(st.sampled_from(FAMILIES))
+    return family, draw(payloads(family))
+
+
+def generate(n: int, per_example: int = 4) -> list[tuple[str, bytes]]:
+    """At least ``n`` (family, payload) cases, ``per_example`` from each hypothesis example
+    (hypothesis's own cost is per example)."""
     cases: list[tuple[str, bytes]] = []
 
-    @settings(max_examples=n, database=None, deadline=None,
+    @settings(max_examples=-(-n // per_example), database=None, deadline=None,
               suppress_health_check=list(HealthCheck))
-    @given(st.sampled_from(FAMILIES).flatmap(lambda f: st.tuples(st.just(f), payloads(f))))
-    def collect(case: tuple[str, bytes]) -> None:
-        cases.append(case)
+    @given(st.lists(case(), min_size=per_example, max_size=per_example))
+    def collect(drawn: list[tuple[str, bytes]]) -> None:
+        cases.extend(drawn)
 
     collect()
     return cases
