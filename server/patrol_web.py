@@ -542,6 +542,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                                              "use the HTTP API to answer"})
     except (ConnectionError, RuntimeError):
         pass
+    except Exception:  # never a traceback onto an upgraded connection: close it cleanly
+        server.metrics.inc("patrol_web_refused_total", reason="ws_error")
+        log.exception("patrol app ws of team %s failed; closing it", team_id)
+        with contextlib.suppress(Exception):
+            await ws.close(code=1011, message=b"server error")
     finally:
         sockets.discard(ws)
         if not sockets:

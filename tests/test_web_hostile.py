@@ -16,7 +16,7 @@ import pytest
 from provisioning import deployment as d
 from server.app import CentralServer
 from server.console.auth import LoginLimiter
-from tests.console_helpers import PASSWORD, Console, add_users
+from tests.console_helpers import Console, add_users
 from tests.helpers import MakeDeployment, db_rows, run_server
 from tests.patrol_helpers import TeamSpec, add_teams
 from tests.patrol_web_helpers import APP_PASSWORD, Phone, give_app_passwords
@@ -372,3 +372,4 @@ async def test_a_socket_trickling_its_body_is_answered_408(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert time.monotonic() - started <= HEADER_TIMEOUT_S + 2.5
+    assert server.metrics.value("http_bad_input_total", reason="body_timeout") == 1

@@ -598,8 +598,13 @@ class ConsoleSocket:
     async def pump(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         while True:
             notice = await queue.get()
-            if _visible(notice, self.session):
-                await self.send(self._enrich(notice))
+            try:
+                if _visible(notice, self.session):
+                    await self.send(self._enrich(notice))
+            except Exception:  # one notice that fails must not stop the live queue
+                self.server.metrics.inc("console_ws_rejected_total", reason="notice_error")
+                log.exception("console ws of %s: could not send a %r notice",
+                              self.session.user.name, notice.get("type"))
 
     def reject(self, reason: str, detail: str) -> None:
         self.server.metrics.inc("console_ws_rejected_total", reason=reason)
@@ -736,6 +741,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 await sock.send({"type": "error", "error": "text messages only"})
             elif msg.type == WSMsgType.ERROR:
                 break
+    except Exception:  # never a traceback onto an upgraded connection: close it cleanly
+        sock.reject("error", "the socket's loop failed")
+        log.exception("console ws of %s failed; closing it", session.user.name)
+        with contextlib.suppress(Exception):
+            await ws.close(code=1011, message=b"server error")
     finally:
         pump.cancel()
         await asyncio.gather(pump, return_exceptions=True)
