@@ -4,8 +4,9 @@ A team logs in on its phone with its team id and the app password set by
 ``alarmpost patrol team password --id T1`` (or ``team add --app-password-stdin``). The password is
 an argon2id hash, sessions and CSRF work as the console's (:mod:`server.console.auth`: a random
 token in an ``HttpOnly; SameSite=Strict`` cookie, only its SHA-256 stored; ``X-CSRF-Token`` on
-every POST, ``?csrf=`` on the WebSocket; Origin checked; failed logins rate-limited per address and
-per team). A session acts for its own team only: the team id comes from the session, never from
+every POST, ``?csrf=`` on the WebSocket; Origin checked; logins limited by the console's
+:class:`~server.console.auth.LoginLimiter`: refused per address, slowed but never locked per
+team). A session acts for its own team only: the team id comes from the session, never from
 the request.
 
 Everything a phone says goes through :meth:`server.dispatch.Dispatcher.receive` as the same wire
