@@ -268,7 +268,11 @@ class EdgeAgent:
         while True:
             await asyncio.sleep(self.config.outbox.retry_s)
             if self.store.fault:
-                self.store.recover()
+                try:
+                    self.store.recover()
+                except Exception:
+                    self.counters["outbox_retries_failed"] += 1
+                    self.log.exception("retrying the outbox failed")
 
     def _client_args(self) -> dict[str, object]:
         m = self.config.mqtt

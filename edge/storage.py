@@ -171,7 +171,7 @@ class EventStore:
             outbox = self.outbox
             try:
                 event = outbox.add(lambda seq: make(seq, outbox.epoch))
-            except StorageError as exc:
+            except Exception as exc:  # whatever the disk (or a bug) raises, the alarm goes on
                 self._fault("write", exc)
             else:
                 self._last_seq, self._reserved_seq = outbox.last_seq, outbox.reserved_seq
@@ -198,7 +198,7 @@ class EventStore:
             return
         try:
             self.outbox.remove(event_id)
-        except StorageError as exc:
+        except Exception as exc:
             self._fault("delete from", exc)
             self._acked.add(event_id)
 
