@@ -24,6 +24,7 @@ JSON: ``mutants``, ``killed``, ``survived``, ``timeout``, ``no_tests``, ``equiva
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import re
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tokenize
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -162,15 +164,22 @@ def mark_unmutated(path: Path, out_of_scope: frozenset[str] = frozenset()) -> in
     source = path.read_text()
     skip = unmutated_lines(source)
     blocks = out_of_scope_headers(source, out_of_scope)
+    # A comment cannot go on a line that ends inside a (triple-quoted) string.
+    inside_strings: set[int] = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.STRING and token.end[0] > token.start[0]:
+            inside_strings.update(range(token.start[0], token.end[0]))
     out = []
     for number, line in enumerate(source.splitlines(), start=1):
-        if "#" not in line:
+        if "#" not in line and number not in inside_strings:
             if number in blocks:
                 line += "  # pragma: no mutate block"
             elif number in skip:
                 line += "  # pragma: no mutate"
         out.append(line)
-    path.write_text("\n".join(out) + "\n")
+    marked = "\n".join(out) + "\n"
+    ast.parse(marked)  # still the same program
+    path.write_text(marked)
     return len(skip) + len(blocks)
 
 
