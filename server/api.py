@@ -20,7 +20,6 @@ teams' phone app (``/patrol/...``, :mod:`server.patrol_web`), with one login per
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,7 @@ from server.webutil import (
     query_int,
     query_str,
     run_handler,
+    same_secret,
 )
 
 if TYPE_CHECKING:
@@ -78,10 +78,9 @@ async def _guarded(server: CentralServer, request: web.Request,
         return await console_guard(request, handler)
     if is_patrol_path(request.path):  # the patrol teams' app: team sessions (server.patrol_web)
         return await patrol_guard(request, handler)
-    token = server.config.http.api_token.encode()
     header = request.headers.get("Authorization", "")
-    given = header[7:].strip().encode() if header.startswith("Bearer ") else b""
-    if not given or not hmac.compare_digest(given, token):
+    given = header[7:].strip() if header.startswith("Bearer ") else ""
+    if not same_secret(given, server.config.http.api_token):
         server.metrics.inc("http_requests_total", status="401")
         log.warning("unauthenticated %s %s from %s", request.method, request.path, request.remote)
         return error(401, "missing or wrong token: send 'Authorization: Bearer <api_token>'",

@@ -55,6 +55,13 @@ def refuse(metrics: Metrics, counter: str, request: web.Request, status: int, re
     return error(status, message, **headers)
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison of a token a client sent with ours. Header values that were
+    not UTF-8 reach us with surrogate escapes: they compare (unequal), never raise."""
+    return bool(given) and hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                                               expected.encode("utf-8", "surrogateescape"))
+
+
 def same_origin(request: web.Request, required: bool) -> bool:
     """Browsers send Origin on cross-origin POSTs and on every WebSocket."""
     origin = request.headers.get("Origin")
@@ -77,7 +84,7 @@ def forgery_refusal(request: web.Request, csrf: str, header: str,
     if not same_origin(request, required=websocket):
         return "origin", "cross-origin request refused"
     given = request.query.get("csrf", "") if websocket else request.headers.get(header, "")
-    if not (given and hmac.compare_digest(given.encode(), csrf.encode())):
+    if not same_secret(given, csrf):
         return "csrf", "missing or wrong CSRF token"
     return None
 

@@ -389,3 +389,40 @@ async def test_fuzzed_patrol_websocket_frames_are_answered_never_crash(fleet: Fl
         await ws.close()
     assert server.metrics.value("patrol_web_refused_total", reason="ws_message") > 500
     await still_serving_and_a_press_lands(fleet)
+
+
+# ---------------------------------------------------------------------------- header bytes
+def _header_cases() -> list[tuple[str, str, bytes, bytes]]:
+    """(method, path, header name, raw header value): any bytes but CR and LF."""
+    routes = [("GET", "/api/posts"), ("GET", "/healthz"), ("POST", "/console/api/login"),
+              ("POST", "/console/api/logout"), ("GET", "/console/api/me"),
+              ("GET", "/console/ws?csrf=x"), ("POST", "/patrol/api/login"),
+              ("POST", "/patrol/api/status"), ("GET", "/patrol/ws?csrf=x"), ("GET", "/console/")]
+    names = [b"Authorization", b"Cookie", b"Origin", b"X-CSRF-Token", b"Content-Type",
+             b"Upgrade", b"Accept-Encoding", b"Host"]
+    value = st.one_of(
+        st.binary(max_size=60),
+        st.tuples(st.sampled_from([b"Bearer ", b"alarmpost_session=", b"alarmpost_prelogin=",
+                                   b"http://[", b"http://127.0.0.1:1/", b"websocket"]),
+                  st.binary(max_size=40)).map(b"".join),
+    ).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+    return collect(st.tuples(st.sampled_from(routes), st.sampled_from(names), value).map(
+        lambda c: (c[0][0], c[0][1], c[1], c[2])), 1000)
+
+
+async def test_fuzzed_header_bytes_never_get_a_5xx(fleet: Fleet) -> None:
+    cases = _header_cases()
+    assert len(cases) >= 900
+    dep, server = fleet.dep, fleet.server
+    for method, path, name, value in cases:
+        reader, writer = await asyncio.open_connection("127.0.0.1", dep.http_port)
+        extra = b"" if name == b"Host" else b"Host: 127.0.0.1:%d\r\n" % dep.http_port
+        writer.write(b"%s %s HTTP/1.1\r\n%s%s: %s\r\nContent-Length: 2\r\nConnection: close\r\n"
+                     b"\r\n{}" % (method.encode(), path.encode(), extra, name, value))
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        status_line = answer.split(b"\r\n", 1)[0].split(b" ")
+        assert status_line[0] in (b"HTTP/1.0", b"HTTP/1.1") and 100 <= int(status_line[1]) < 500, (
+            method, path, name, value, answer[:300])
+    assert server.metrics.value("http_requests_total", status="500") == 0
+    await still_serving_and_a_press_lands(fleet)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import hmac
 import logging
 import re
 import secrets
@@ -32,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 import argon2
 import sqlite_utils
 from aiohttp import web
+
+from server.webutil import same_secret
 
 if TYPE_CHECKING:
     from server.app import CentralServer
@@ -124,7 +125,7 @@ class Session:
 
 
 def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 token_digest = _digest  # what a sessions table stores instead of the token (patrol app too)
@@ -516,4 +517,4 @@ def login_refused(metrics: Metrics, app: str, remote: str, name: str,
 
 
 def same_token(given: str, expected: str) -> bool:
-    return bool(given) and hmac.compare_digest(given.encode(), expected.encode())
+    return same_secret(given, expected)
