@@ -373,3 +373,18 @@ async def test_a_socket_trickling_its_body_is_answered_408(
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert time.monotonic() - started <= HEADER_TIMEOUT_S + 2.5
     assert server.metrics.value("http_bad_input_total", reason="body_timeout") == 1
+
+
+def test_parse_json_bounds_depth_before_parsing_and_refuses_what_no_store_takes() -> None:
+    from server.webutil import BadInput, json_depth, parse_json
+
+    assert json_depth('{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": [1, {"c": []}]}') == 4
+    assert json_depth('["\\"[[[[", "\\\\", [[]]]') == 3  # escaped quotes and backslashes
+    assert parse_json('{"a": "' + "[" * 100 + '"}') == {"a": "[" * 100}
+    assert parse_json(b'{"emoji": "\\ud83d\\ude00"}') == {"emoji": "\U0001F600"}  # a real pair
+    for raw, reason in [("[" * 17 + "]" * 17, "too_deep"), ('{"a": "\\ud800"}', "encoding"),
+                        (b"\xff", "encoding"), ("NaN", "malformed"), ("[1e999]", "malformed"),
+                        ("9" * 31, "malformed"), ("{", "malformed"), ("x" * 70_000, "too_large")]:
+        with pytest.raises(BadInput) as refused:
+            parse_json(raw)
+        assert refused.value.reason == reason, raw[:20]
