@@ -67,6 +67,7 @@ from server.calls import CallRelay
 from server.commands import CommandTracker
 from server.config import ServerConfig
 from server.dispatch import Dispatcher
+from server.logthrottle import LogThrottle, left_out_note
 from server.metrics import Metrics
 from server.storage import Committed, PostInfo, SqliteStorage, Storage
 
@@ -148,6 +149,7 @@ class CentralServer:
             config.database.path, config.database.synchronous
         )
         self.metrics = Metrics()
+        self._log_throttle = LogThrottle()  # per sender and reason: counted always, logged bounded
         self.bus = Bus()
         self.live: dict[str, LivePost] = {}
         self.ready = asyncio.Event()
@@ -223,8 +225,13 @@ class CentralServer:
         """Count and log a refused message; clear it from the broker if it is a retained one
         that can never be decoded (it would be refused again on every delivery)."""
         self.metrics.inc("rejected_total", reason=reason)
-        log.warning("rejected message on %s (%d bytes%s): %s %s", topic[:120], size,
-                    ", retained" if retained else "", reason, detail[:200])
+        parts = topic.split("/", 4)
+        sender = parts[3][:64] if len(parts) > 3 else topic[:64]
+        allowed, left_out = self._log_throttle.allow((sender, reason))
+        if allowed:
+            log.warning("rejected message on %s (%d bytes%s): %s %s%s", topic[:120], size,
+                        ", retained" if retained else "", reason, detail[:200],
+                        left_out_note(left_out))
         if retained and reason in POISON_REASONS:
             self._clear_retained(topic)
 

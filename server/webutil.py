@@ -27,12 +27,17 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from server.logthrottle import LogThrottle, left_out_note
+
 if TYPE_CHECKING:
     from server.metrics import Metrics
 
 log = logging.getLogger("alarmpost.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Refusals are always counted; their log lines are bounded per client address and reason.
+_log_throttle = LogThrottle()
 
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -51,7 +56,10 @@ def refuse(metrics: Metrics, counter: str, request: web.Request, status: int, re
     """Refuse a request: counted under ``counter{reason}``, logged, answered in JSON."""
     metrics.inc(counter, reason=reason)
     metrics.inc("http_requests_total", status=str(status))
-    log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, reason)
+    allowed, left_out = _log_throttle.allow((request.remote, reason))
+    if allowed:
+        log.warning("refused %s %s from %s: %s%s", request.method, request.path[:200],
+                    request.remote, reason, left_out_note(left_out))
     return error(status, message, **headers)
 
 
@@ -119,8 +127,11 @@ def bad_input(metrics: Metrics, request: web.Request, exc: BadInput) -> web.Resp
     """Answer a :class:`BadInput`: counted by reason, logged with its size, JSON error."""
     metrics.inc("http_bad_input_total", reason=exc.reason)
     metrics.inc("http_requests_total", status=str(exc.status))
-    log.warning("bad input %s %s from %s (%s bytes): %s: %s", request.method, request.path,
-                request.remote, request.content_length, exc.reason, exc.message)
+    allowed, left_out = _log_throttle.allow((request.remote, exc.reason))
+    if allowed:
+        log.warning("bad input %s %s from %s (%s bytes): %s: %s%s", request.method,
+                    request.path[:200], request.remote, request.content_length, exc.reason,
+                    exc.message, left_out_note(left_out))
     return error(exc.status, exc.message)
 
 

@@ -20,7 +20,7 @@ from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
 from server.storage import PostInfo, SqliteStorage
-from tests.helpers import ServerProcess, api, db_rows, until
+from tests.helpers import ServerProcess, api, db_rows, server_side_credentials, until
 
 # ~4 KB of nesting: under the size limit, deep enough to overflow a recursive decoder.
 POISONS = [
@@ -33,10 +33,6 @@ POISONS = [
 
 def post_password(dep: d.Deployment, post_id: str) -> str:
     return str(tomllib.loads(dep.post_config(post_id).read_text())["mqtt"]["password"])
-
-
-def server_password(dep: d.Deployment) -> str:
-    return str(tomllib.loads(dep.server_config.read_text())["mqtt"]["password"])
 
 
 class Raw:
@@ -168,8 +164,9 @@ async def test_poison_retained_messages_survive_three_server_restarts(
     assert db_rows(deployment, "SELECT COUNT(*) FROM events") == [(3,)]
     # The server cleared the poison it was sent: a fresh subscriber finds nothing retained there
     # (retained messages arrive before a marker published after the subscription).
-    async with aiomqtt.Client("127.0.0.1", deployment.broker_port, username="server",
-                              password=server_password(deployment), identifier="server",
+    user, password = server_side_credentials(deployment, "server-2")
+    async with aiomqtt.Client("127.0.0.1", deployment.broker_port, username=user,
+                              password=password, identifier=user,
                               protocol=aiomqtt.ProtocolVersion.V5) as watcher:
         await watcher.subscribe("alarmpost/v1/post/P001/#", qos=1)
         await watcher.publish("alarmpost/v1/post/P001/cmdresult", b"marker", qos=1)
@@ -387,3 +384,20 @@ async def test_a_post_whose_sessions_flap_is_suspected_of_being_cloned(
     assert server.metrics.value("clone_suspected_total") == 1
     # P002 reconnecting once is not a clone.
     assert not [f for f in await api(deployment, "/api/faults?open=1") if f["post_id"] == "P002"]
+
+
+async def test_a_flood_of_garbage_is_counted_in_full_but_logged_in_a_few_lines(
+    deployment: d.Deployment, server: CentralServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A post publishing garbage nonstop must not fill the server's disk with log lines."""
+    caplog.set_level("WARNING", logger="alarmpost.server")
+    async with raw_post(deployment, "P001") as raw:
+        for _ in range(200):
+            await raw.publish("heartbeat", b"not json")
+        event = Event(id=new_ulid(), post="P001", seq=1, ts=time.time())
+        await raw.publish("event", encode(event))
+        await raw.ack_for(event.id)  # everything before it has been handled
+    assert server.metrics.value("rejected_total", reason="malformed") == 200
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("rejected message on alarmpost/v1/post/P001/")]
+    assert 1 <= len(lines) <= server._log_throttle.burst

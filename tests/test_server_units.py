@@ -80,3 +80,16 @@ def test_registry_and_server_config_errors(tmp_path: Path) -> None:
     cfg.write_text("[http]\nport = 8080\n")
     with pytest.raises(ConfigError, match="api_token"):
         load_server_config(cfg)
+
+
+def test_log_throttle_lets_a_burst_through_then_says_how_many_it_left_out() -> None:
+    from server.logthrottle import LogThrottle
+
+    throttle = LogThrottle(burst=2, window_s=10.0, max_keys=3)
+    assert [throttle.allow("P001", now=0.0) for _ in range(5)] == [
+        (True, 0), (True, 0), (False, 0), (False, 0), (False, 0)]
+    assert throttle.allow("P002", now=1.0) == (True, 0)  # keys are independent
+    assert throttle.allow("P001", now=10.0) == (True, 3)  # a new window names what was left out
+    for key in ("a", "b", "c", "d"):
+        throttle.allow(key, now=11.0)
+    assert len(throttle) == 3  # memory is bounded
