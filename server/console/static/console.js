@@ -375,7 +375,9 @@ function renderPosts() {
   const rows = [...state.posts.values()];
   $("posts").querySelector("tbody").innerHTML = rows.map((p) => {
     const h = p.health || {};
-    const health = p.health ? `siren ${h.siren ? "on" : "off"}, strobe ${h.strobe ? "on" : "off"}, outbox ${h.outbox_depth}` : "—";
+    const clock = typeof h.clock_offset_s === "number" && Math.abs(h.clock_offset_s) >= 1
+      ? `, clock ${h.clock_offset_s > 0 ? "behind" : "ahead"} ${Math.abs(h.clock_offset_s).toFixed(0)} s` : "";
+    const health = p.health ? `siren ${h.siren ? "on" : "off"}, strobe ${h.strobe ? "on" : "off"}, outbox ${h.outbox_depth}${clock}` : "—";
     const test = p.test_mode
       ? `${TEST_BADGE}by ${esc(p.test_mode_by)}: ${esc(p.test_mode_reason)}` : "off";
     const toggle = may("posts.test_mode")
