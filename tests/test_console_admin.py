@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -81,9 +80,10 @@ async def test_test_mode_commits_and_acks_but_neither_rings_nor_pages(
         assert opened["test"] is True and opened["incident"]["classification"] == "test"
         incident_id = opened["incident_id"]
         await until(lambda: post.agent.outbox_depth == 0 and post.hardware.help, 5, "ACK")
-        # ...but no team is paged.
-        await asyncio.sleep(0.5)
-        assert teams["A"].pages == {} and incident_id not in server.dispatcher.jobs
+        # ...but no team is paged: once the dispatcher has taken the notice (its queue is empty;
+        # it decides without awaiting), it has made no job and sent no page.
+        await until(lambda: server.dispatcher._notices.empty(), 5, "the dispatcher took it")
+        assert incident_id not in server.dispatcher.jobs and teams["A"].pages == {}
         timeline = server.storage.incident(incident_id)["timeline"]
         assert "test mode" in timeline[0]["detail"]
 
