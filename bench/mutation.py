@@ -127,6 +127,11 @@ _SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|PRAGMA|BEGIN|COMMIT|ROLLBAC
                   r"ALTER|WITH|VALUES|FROM|WHERE|ORDER|SET|ON CONFLICT|LIMIT)\b", re.IGNORECASE)
 
 
+# Pieces of SQL built up in code: "state=?", "coalesce(acknowledged_by, ?)".
+_SQL_FRAGMENT = re.compile(r"^\w+\s*(=|<>|<|>|<=|>=)\s*\?|\bcoalesce\(|\bIS NULL\b|\bNOT IN\b",
+                           re.IGNORECASE)
+
+
 def _span(node: ast.AST) -> range:
     start = getattr(node, "lineno", 0)
     return range(start, (getattr(node, "end_lineno", None) or start) + 1)
@@ -139,7 +144,7 @@ def unmutated_lines(source: str) -> set[int]:
     lines: set[int] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                and _SQL.match(node.value):
+                and (_SQL.match(node.value) or _SQL_FRAGMENT.search(node.value)):
             lines.update(_span(node))
         if not isinstance(node, ast.Expr) or not isinstance(node.value, ast.Call):
             continue

@@ -20,7 +20,7 @@ from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
 from server.storage import PostInfo, SqliteStorage
-from tests.helpers import ServerProcess, api, db_rows, server_side_credentials, until
+from tests.helpers import ServerProcess, api, db_rows, run_server, server_side_credentials, until
 
 # ~4 KB of nesting: under the size limit, deep enough to overflow a recursive decoder.
 POISONS = [
@@ -401,3 +401,34 @@ async def test_a_flood_of_garbage_is_counted_in_full_but_logged_in_a_few_lines(
     lines = [r.getMessage() for r in caplog.records
              if r.getMessage().startswith("rejected message on alarmpost/v1/post/P001/")]
     assert 1 <= len(lines) <= server._log_throttle.burst
+
+
+async def test_a_retained_poison_is_cleared_from_the_broker_and_a_good_one_is_kept(
+    deployment: d.Deployment,
+) -> None:
+    """An undecodable retained message would be refused on every delivery: the server clears it
+    when it is delivered as retained (once, counted), and leaves good retained messages alone."""
+    async with raw_post(deployment, "P001") as p1, raw_post(deployment, "P002") as p2:
+        await p2.publish("status", encode(Status(post="P002", state="online", ts=time.time())),
+                         retain=True)
+        await p1.publish("status", POISONS[1], retain=True)
+    async with run_server(deployment) as server:
+        await until(lambda: server.metrics.value("retained_cleared_total", kind="status") == 1,
+                    5, "the poison cleared")
+        assert server.metrics.value("rejected_total", reason="too_deep") == 1
+        assert server.live["P002"].state == "online"
+    user, password = server_side_credentials(deployment, "server-2")
+    async with aiomqtt.Client("127.0.0.1", deployment.broker_port, username=user,
+                              password=password, identifier=user,
+                              protocol=aiomqtt.ProtocolVersion.V5) as watcher:
+        await watcher.subscribe("alarmpost/v1/post/+/status", qos=1)
+        await watcher.subscribe("alarmpost/v1/post/P003/cmdresult", qos=1)
+        await watcher.publish("alarmpost/v1/post/P003/cmdresult", b"marker", qos=1)
+        retained: dict[str, bytes] = {}
+        async for message in watcher.messages:
+            if message.payload == b"marker":
+                break
+            retained[str(message.topic)] = bytes(message.payload)  # type: ignore[arg-type]
+    # The poison is gone; P002's status stays (the server's own offline status aside).
+    assert "alarmpost/v1/post/P001/status" not in retained
+    assert b'"state":"online"' in retained["alarmpost/v1/post/P002/status"]

@@ -21,7 +21,15 @@ import aiomqtt
 import msgspec
 import paho.mqtt.client as paho
 
-from protocol.messages import Ack, Command, CommandResult, Event, decode_from_server, encode
+from protocol.messages import (
+    Ack,
+    Command,
+    CommandResult,
+    Event,
+    Heartbeat,
+    decode_from_server,
+    encode,
+)
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
@@ -338,3 +346,41 @@ async def test_every_audit_table_refuses_update_and_delete(
             assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (count,)
     finally:
         conn.close()
+
+
+def _heartbeat(post_id: str, interval_s: float) -> bytes:
+    return encode(Heartbeat(post=post_id, ts=time.time(), interval_s=interval_s, uptime_s=1.0,
+                            outbox_depth=0, button=False, strobe=False, siren=False, help=False))
+
+
+async def test_a_post_that_goes_silent_is_offline_within_two_and_a_half_intervals(
+    deployment: d.Deployment, server: CentralServer
+) -> None:
+    """Promise: a post that stops talking (hung, cut off without a Last Will) is a fault the
+    operators see within 2.5 of its heartbeat intervals, and its recovery is recorded."""
+    password = tomllib.loads(deployment.post_config("P001").read_text())["mqtt"]["password"]
+    notices = server.bus.subscribe()
+    async with aiomqtt.Client("127.0.0.1", deployment.broker_port, username="P001",
+                              password=password, identifier="P001",
+                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.publish("alarmpost/v1/post/P001/heartbeat", _heartbeat("P001", 0.2), qos=1)
+        await until(lambda: server.live["P001"].state == "online", 5, "P001 online")
+        await client.publish("alarmpost/v1/post/P001/heartbeat", _heartbeat("P001", 0.2), qos=1)
+        silent_from = time.time()  # still connected, never says a word again
+        await until(lambda: server.live["P001"].state == "offline", 5, "P001 offline")
+        offline_at = time.time()
+        faults = db_rows(deployment, "SELECT kind, detail, started_at, ended_at FROM faults "
+                                     "WHERE post_id='P001'")
+        assert [(k, det, end) for k, det, _, end in faults] == [
+            ("offline", "heartbeat missed", None)]
+        assert faults[0][2] - silent_from <= 2.5 * 0.2 + 0.1
+        assert offline_at - silent_from >= 2.5 * 0.2 - 0.1  # not before its time either
+        assert server.metrics.value("post_offline_total", reason="heartbeat missed") == 1
+        seen = []
+        while not notices.empty():
+            seen.append(notices.get_nowait())
+        assert {"type": "post_state", "post_id": "P001", "state": "offline",
+                "reason": "heartbeat missed"} in seen
+        await client.publish("alarmpost/v1/post/P001/heartbeat", _heartbeat("P001", 0.2), qos=1)
+        await until(lambda: server.live["P001"].state == "online", 5, "P001 back")
+    assert db_rows(deployment, "SELECT COUNT(*) FROM faults WHERE ended_at IS NOT NULL") == [(1,)]
