@@ -109,7 +109,7 @@ DEFAULT_TESTS = (
     "tests/test_protocol.py", "tests/test_edge_units.py", "tests/test_server_units.py",
     "tests/test_incidents.py", "tests/test_route_permissions.py", "tests/test_console_auth.py",
     "tests/test_hostile_ingest.py", "tests/test_edge_storage.py", "tests/test_edge_boundary.py",
-    "tests/test_web_hostile.py",
+    "tests/test_web_hostile.py", "tests/test_patrol.py",
 )
 # Tests deselected within those files: fuzzing (thousands of inputs; it guards robustness, and
 # would cost minutes for every mutant of every function it touches) and the slowest waits.

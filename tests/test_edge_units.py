@@ -9,7 +9,7 @@ import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from edge.config import load_edge_config
 from edge.hardware import ButtonGuard
 from edge.outbox import RESERVE_BLOCK, Outbox
 from edge.storage import EventStore
-from protocol.messages import Event
+from protocol.messages import Event, encode
 from protocol.settings import ConfigError
 from protocol.ulid import new_ulid
 
@@ -184,3 +184,32 @@ def test_store_moves_an_unreadable_outbox_aside_and_starts_a_new_one(tmp_path: P
     assert store.add(_event_in(store.epoch)).seq == 1
     assert len(list(tmp_path.glob("o.db.unreadable-*"))) == 1
     store.close()
+
+
+def test_outbox_store_writes_back_what_memory_held_in_one_go(tmp_path: Path) -> None:
+    """When the disk comes back, the events kept in memory, the numbers used meanwhile and the
+    ACKs received meanwhile all reach the outbox, and a failed write-back changes nothing."""
+    path = tmp_path / "outbox.db"
+    outbox = Outbox(path, reserve_block=8)
+    first = outbox.add(lambda seq: Event(id=new_ulid(), post="P001", seq=seq, ts=time.time()))
+    held = [Event(id=new_ulid(), post="P001", seq=seq, ts=time.time()) for seq in (2, 3, 5)]
+    assert outbox.store(held, used_up_to=6, acked=[first.id]) == 3
+    assert [p.seq for p in outbox.pending()] == [2, 3, 5]
+    assert [p.payload for p in outbox.pending()] == [encode(e) for e in held]
+    assert outbox.last_seq == 6 and outbox.reserved_seq >= 7
+    assert outbox.store(held[:1]) == 0  # already there: nothing written twice
+    before = (outbox.last_seq, outbox.reserved_seq)
+
+    def failing() -> Iterator[Event]:  # the write-back fails half-way: all of it is undone
+        yield Event(id=new_ulid(), post="P001", seq=9, ts=time.time())
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError):
+        outbox.store(failing(), used_up_to=20)
+    assert (outbox.last_seq, outbox.reserved_seq) == before
+    assert [p.seq for p in outbox.pending()] == [2, 3, 5]
+    outbox.close()
+    again = Outbox(path, reserve_block=8)
+    assert [p.seq for p in again.pending()] == [2, 3, 5]
+    assert again.add(lambda seq: Event(id=new_ulid(), post="P001", seq=seq, ts=time.time())).seq > 6
+    again.close()

@@ -100,3 +100,36 @@ async def test_auto_resolve_closes_idle_incidents(make_deployment) -> None:
         await until(lambda: server.storage.open_incident_count() == 0, 5, "incident resolved")
         (incident,) = server.storage.incidents("closed", 10)
         assert incident["classification"] == "test"
+
+
+def test_the_audit_records_who_when_and_why(tmp_path) -> None:
+    """Each timeline entry says who did it, when (the time given, else now), from which state
+    and why; a resolution says its classification before the note. Idle incidents are resolved
+    as `test` by `system`, at the time the sweep ran, and say why."""
+    store = SqliteStorage(str(tmp_path / "s.db"))
+    store.upsert_posts([PostInfo(id="P001"), PostInfo(id="P002")])
+    now = time.time()
+    (a,) = store.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
+    (b,) = store.commit_events([(Event(id=new_ulid(), post="P002", seq=1, ts=now), now)])
+    store.transition(a.incident_id, "acknowledged", "op:alice", at=now + 5)
+    store.transition(a.incident_id, "acknowledged", "op:bob", at=now + 6)  # the first one stays
+    resolved = store.transition(a.incident_id, "resolved", "op:alice", at=now + 9,
+                                classification="help_request", reason="crowd at the gate")
+    assert resolved["acknowledged_by"] == "op:alice" and resolved["acknowledged_at"] == now + 5
+    assert resolved["closed_at"] == now + 9 and resolved["note"] == "crowd at the gate"
+    entry = resolved["timeline"][-1]
+    assert (entry["at"], entry["from_state"], entry["to_state"], entry["detail"]) == (
+        now + 9, "acknowledged", "resolved", "help_request: crowd at the gate")
+    assert resolved["timeline"][1]["detail"] == ""
+    with pytest.raises(LookupError, match="no incident 'nope'"):
+        store.transition("nope", "acknowledged", "op:alice")
+
+    assert store.resolve_idle_incidents(30.0, now + 10) == []  # idle only 10 s
+    assert store.resolve_idle_incidents(30.0, now + 31) == [b.incident_id]
+    swept = store.incident(b.incident_id)
+    assert swept is not None and swept["classification"] == "test"
+    assert swept["closed_at"] == now + 31
+    last = swept["timeline"][-1]
+    assert (last["actor"], last["action"], last["at"], last["detail"]) == (
+        "system", "resolved", now + 31, "test: resolved automatically after 30 s idle")
+    assert store.open_incident_count() == 0

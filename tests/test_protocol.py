@@ -182,3 +182,18 @@ def test_ulids_are_unique_sortable_and_valid() -> None:
     assert all(valid_ulid(i) for i in ids)
     assert [i[:10] for i in ids] == sorted(i[:10] for i in ids)
     assert not valid_ulid("01ARZ3NDEKTSV4RRFFQ69G5FAu")
+
+
+def test_team_ids_fit_a_user_name_and_refusals_say_why() -> None:
+    from protocol.messages import Rejected
+    from protocol.topics import InvalidTopic, team_user, valid_team_id
+
+    assert valid_team_id("T" * 59) and team_user("T" * 59) == "team-" + "T" * 59
+    assert not valid_team_id("T" * 60)  # "team-" + 60 would pass the 64 of a user name
+    assert not valid_team_id("T/1") and not valid_team_id("")
+    with pytest.raises(InvalidTopic, match="invalid team id 'T/1'"):
+        team_user("T/1")
+    exc = Rejected("oversized", "5000 bytes > 4096")
+    assert (exc.reason, exc.detail, str(exc)) == ("oversized", "5000 bytes > 4096",
+                                                  "oversized: 5000 bytes > 4096")
+    assert str(Rejected("empty")) == "empty" and Rejected("empty").detail == ""

@@ -388,3 +388,22 @@ def test_parse_json_bounds_depth_before_parsing_and_refuses_what_no_store_takes(
         with pytest.raises(BadInput) as refused:
             parse_json(raw)
         assert refused.value.reason == reason, raw[:20]
+
+
+def test_limiter_forgets_expired_entries_first_then_the_oldest_and_keeps_an_attacker() -> None:
+    limiter = LoginLimiter(attempts=2, window_s=10, max_keys=10)
+    for i in range(9):  # long ago: expired by t=100
+        limiter.failed(limiter.begin(f"10.1.0.{i}", f"u{i}", now=0.0), now=0.0)
+    for _ in range(2):  # an attacker who has used up its attempts just now
+        limiter.failed(limiter.begin("10.0.0.1", "alice", now=100.0), now=100.0)
+    assert len(limiter._addresses) == 10
+    limiter.failed(limiter.begin("10.2.0.1", "bob", now=100.5), now=100.5)  # full: prune
+    assert sorted(limiter._addresses) == ["10.0.0.1", "10.2.0.1"]  # the expired ones went
+    assert not limiter.begin("10.0.0.1", "alice", now=100.6).admitted  # still refused
+
+    full = LoginLimiter(attempts=5, window_s=60, max_keys=10)
+    for i in range(10):  # ten addresses, all with a recent failure: none expired
+        full.failed(full.begin(f"a{i}", "carol", now=float(i)), now=float(i))
+    full.begin("new", "carol", now=20.0)
+    # Still full after dropping the expired: the oldest idle quarter goes (10 - 10 * 3 // 4).
+    assert sorted(full._addresses) == [*(f"a{i}" for i in range(3, 10)), "new"]
