@@ -21,7 +21,8 @@ def ack_waiter(post_agent: object, count: int = 1) -> asyncio.Future[list[Ack]]:
     fut: asyncio.Future[list[Ack]] = loop.create_future()
     got: list[Ack] = []
 
-    def on_ack(ack: Ack, _at: float) -> None:
+    def on_ack(ack: Ack, at: float) -> None:
+        assert abs(at - time.time()) < 5, "listeners get the time the ACK arrived"
         got.append(ack)
         if len(got) >= count and not fut.done():
             fut.set_result(list(got))
@@ -47,6 +48,9 @@ async def test_press_is_committed_acked_and_help_shows(
         assert post.agent.outbox.depth() == 0
         assert post.agent.outbox_depth == 0
         assert post.hardware.help
+        assert post.agent.counters["acks"] == 1
+        post.agent._on_ack(ack)  # the same ACK again (a resend answered twice): nothing to do
+        assert (post.agent.counters["acks"], post.agent.counters["acks_unknown"]) == (1, 1)
 
         # A second press joins the open incident.
         acked = ack_waiter(post.agent)

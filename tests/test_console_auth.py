@@ -219,3 +219,28 @@ async def test_over_https_the_session_cookie_is_secure(deployment: d.Deployment,
             assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Strict"
         async with http.get(f"{base}/console/api/me") as resp:
             assert resp.status == 200  # the Secure cookie goes back over HTTPS
+
+
+async def test_origin_is_required_on_websockets_and_checked_when_sent(
+    server: CentralServer, deployment: d.Deployment
+) -> None:
+    """A WebSocket must name our origin (browsers always send it); a state-changing request
+    without Origin (a script with the session's cookie and CSRF token) passes, one with a
+    foreign or malformed Origin does not. Each refusal is counted by its reason."""
+    incident_id = _incident(server)
+    add_users(server, ("alice", "operator"))
+    base = f"http://127.0.0.1:{deployment.http_port}"
+    async with Console(deployment) as alice:
+        assert (await alice.login("alice")).status == 200
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await alice.http.ws_connect(f"{base}/console/ws?csrf={alice.csrf}")  # no Origin
+        assert refused.value.status == 403
+        assert server.metrics.value("console_refused_total", reason="origin") == 1
+        path = f"/console/api/incidents/{incident_id}/acknowledge"
+        for bad in ("http://[::1", "null", "http://127.0.0.1.evil.example"):
+            assert (await alice.post(path, origin=bad))[0] == 403, bad
+        assert server.metrics.value("console_refused_total", reason="origin") == 4
+        async with alice.http.post(f"{base}{path}", json={},
+                                   headers={"X-CSRF-Token": alice.csrf}) as resp:  # no Origin
+            assert resp.status == 200
+        assert server.metrics.value("console_refused_total", reason="csrf") == 0

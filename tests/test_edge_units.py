@@ -213,3 +213,18 @@ def test_outbox_store_writes_back_what_memory_held_in_one_go(tmp_path: Path) -> 
     assert [p.seq for p in again.pending()] == [2, 3, 5]
     assert again.add(lambda seq: Event(id=new_ulid(), post="P001", seq=seq, ts=time.time())).seq > 6
     again.close()
+
+
+def test_resend_backoff_doubles_from_the_ack_timeout_to_its_ceiling(tmp_path: Path) -> None:
+    from edge.agent import EdgeAgent
+    from firmware_sim.fleet import SimPost
+
+    config_path = tmp_path / "P001.toml"
+    config_path.write_text('[post]\nid = "P001"\n[hardware]\nbackend = "mock"\n'
+                           '[timing]\nack_timeout_s = 2.0\nresend_max_s = 30.0\n'
+                           f'[outbox]\npath = "{tmp_path / "outbox.db"}"\n')
+    agent: EdgeAgent = SimPost.from_file(config_path).agent
+    for attempts, base in ((0, 2.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 16.0), (5, 30.0), (40, 30.0)):
+        waits = [agent._backoff(attempts) for _ in range(2000)]
+        assert base * 0.9 <= min(waits) and max(waits) <= base * 1.1, (attempts, base)
+        assert max(waits) - min(waits) > base * 0.15  # jittered, so posts do not resend in step
