@@ -146,10 +146,22 @@ def test_json_depth_matches_the_real_nesting(doc: object) -> None:
     assert json_depth(json.dumps(doc).encode(), limit=1000) == depth(doc)
 
 
-def test_edge_refuses_messages_for_another_post() -> None:
+@pytest.mark.parametrize("topic,payload,reason,detail", [
+    ("alarmpost/v1/post/P002/ack", encode(SERVER["ack"]), "wrong_post", "addressed to 'P002'"),
+    ("alarmpost/v1/post/P001/event", encode(EVENT), "wrong_direction",
+     "'event' is not sent by the server"),
+    ("alarmpost/v1/post/P001/ack", encode(Ack(post="P002", event_id=EVENT.id, incident_id="i",
+                                               ts=NOW)),
+     "post_mismatch", "topic names 'P001', body 'P002'"),
+    ("alarmpost/v1/post/P+1/ack", encode(SERVER["ack"]), "bad_topic", "invalid post id"),
+    ("alarmpost/v1/nope", encode(SERVER["ack"]), "bad_topic", ""),
+])
+def test_edge_refuses_what_is_not_the_servers_word_to_it(topic: str, payload: bytes,
+                                                          reason: str, detail: str) -> None:
     with pytest.raises(Rejected) as info:
-        decode_from_server("alarmpost/v1/post/P002/ack", encode(SERVER["ack"]), "P001")
-    assert info.value.reason == "wrong_post"
+        decode_from_server(topic, payload, "P001")
+    assert info.value.reason == reason
+    assert detail in info.value.detail and info.value.detail
 
 
 @given(st.text(max_size=80), st.binary(max_size=600))
