@@ -271,7 +271,7 @@ class EdgeAgent:
                 try:
                     self.store.recover()
                 except Exception:
-                    self.counters["outbox_retries_failed"] += 1
+                    self.counters["storage_watch_errors"] += 1
                     self.log.exception("retrying the outbox failed")
 
     def _client_args(self) -> dict[str, object]:

@@ -51,9 +51,12 @@ def deployment(make_deployment: MakeDeployment) -> d.Deployment:
 
 
 @pytest.fixture
-async def server(deployment: d.Deployment) -> AsyncIterator[CentralServer]:
-    """The central server in this test's event loop, connected to the broker."""
-    async with run_server(deployment) as srv:
+async def server(deployment: d.Deployment,
+                 request: pytest.FixtureRequest) -> AsyncIterator[CentralServer]:
+    """The central server in this test's event loop, connected to the broker. At the end no
+    handler may have failed, unless the test is marked ``expect_internal_errors``."""
+    expect = request.node.get_closest_marker("expect_internal_errors") is not None
+    async with run_server(deployment, expect_errors=expect) as srv:
         yield srv
 
 

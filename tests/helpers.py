@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
 
@@ -41,28 +41,52 @@ async def until(predicate: Callable[[], Any], within: float = 10.0, what: str = 
 MakeDeployment = Callable[..., d.Deployment]
 
 
-class run_server:
-    """``async with run_server(dep) as server``: in-process server, stopped cleanly on exit."""
+# Counters of faults in our own code (not in the input): a handler that raised, a session that
+# failed. The server and the agents survive them by design, which is exactly why a test must
+# look: a bug that the next reconnect papers over still delays an alarm.
+AGENT_BUG_COUNTERS = ("session_errors", "handler_errors", "listener_errors", "call_task_errors",
+                      "storage_watch_errors")
 
-    def __init__(self, dep: d.Deployment) -> None:
+
+def assert_no_internal_errors(server: CentralServer | None = None,
+                              agents: Iterable[Any] = ()) -> None:
+    if server is not None:
+        errors = server.metrics._counters.get("handler_errors_total", {})
+        assert not any(errors.values()), f"the server's handlers failed: {dict(errors)}"
+    for agent in agents:
+        bugs = {k: agent.counters[k] for k in AGENT_BUG_COUNTERS if agent.counters[k]}
+        assert not bugs, f"post {agent.post_id}: {bugs}"
+
+
+class run_server:
+    """``async with run_server(dep) as server``: in-process server, stopped cleanly on exit.
+    On a clean exit it also checks that no handler failed (``expect_errors=True`` for tests
+    that make one fail on purpose)."""
+
+    def __init__(self, dep: d.Deployment, expect_errors: bool = False) -> None:
         self.server = CentralServer(load_server_config(dep.server_config))
+        self.expect_errors = expect_errors
 
     async def __aenter__(self) -> CentralServer:
         self.task = asyncio.create_task(self.server.run())
         await asyncio.wait_for(self.server.ready.wait(), 10)
         return self.server
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
         self.server.stop()
         await asyncio.wait_for(self.task, 10)
+        if exc_type is None and not self.expect_errors:
+            assert_no_internal_errors(self.server)
 
 
 class run_posts:
     """``async with run_posts(dep, "P001", ...) as posts``: in-process agents on mock pins."""
 
-    def __init__(self, dep: d.Deployment, *ids: str, connect: bool = True, **overrides: Any) -> None:
+    def __init__(self, dep: d.Deployment, *ids: str, connect: bool = True,
+                 expect_errors: bool = False, **overrides: Any) -> None:
         self.posts: dict[str, SimPost] = {}
         self.connect = connect
+        self.expect_errors = expect_errors
         for post_id in ids or [p.id for p in dep.posts]:
             post = SimPost.from_file(dep.post_config(post_id))
             for key, value in overrides.items():
@@ -82,8 +106,10 @@ class run_posts:
             )
         return self.posts
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
         await asyncio.gather(*(p.stop() for p in self.posts.values()))
+        if exc_type is None and not self.expect_errors:
+            assert_no_internal_errors(agents=[p.agent for p in self.posts.values()])
 
 
 class ServerProcess:

@@ -46,7 +46,7 @@ async def test_garbage_on_every_topic_never_stops_the_agent(
 ) -> None:
     user, password = server_side_credentials(deployment)
     topics = [post_topic("P001", k) for k in ("ack", "cmd", "call")] + [server_status_topic()]
-    async with run_posts(deployment, "P001") as posts, aiomqtt.Client(
+    async with run_posts(deployment, "P001", expect_errors=True) as posts, aiomqtt.Client(
         "127.0.0.1", deployment.broker_port, username=user, password=password,
         identifier=f"test-garbage-{new_ulid()}", protocol=aiomqtt.ProtocolVersion.V5,
     ) as client:

@@ -113,6 +113,7 @@ async def test_deeply_nested_payloads_on_every_post_topic_are_refused_and_the_se
     assert 'alarmpost_rejected_total{reason="too_deep"}' in text
 
 
+@pytest.mark.expect_internal_errors
 async def test_a_handler_that_raises_is_counted_and_the_reader_carries_on(
     deployment: d.Deployment, server: CentralServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
