@@ -255,6 +255,7 @@ def _write_config(dest: Path, modules: list[str], tests: list[str]) -> None:
         f"source_paths = {json.dumps(sources)}",
         f"only_mutate = {json.dumps(modules)}",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+        'also_copy = ["docs", "README.md"]',  # tests check the docs' examples and tables
         f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-k", "{DESELECT}"]',
         "timeout_multiplier = 5.0",
         "timeout_constant = 20.0",
@@ -440,7 +441,7 @@ def main(as_json: bool, options: dict[str, str]) -> int:
                 if code == 3:
                     return 3
         statuses = read_results(workdir)
-        if not statuses:
+        if not statuses or all(st == "not_checked" for st in statuses.values()):
             print("mutation: mutmut produced no results; its log says:\n"
                   + log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
             return 3
