@@ -475,6 +475,7 @@ class Hostile:
         import threading
 
         import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
 
         self.post_id, self.victim, self.rate = post_id, victim, rate
         self.rng = random.Random(seed)
@@ -487,7 +488,7 @@ class Hostile:
         self._thread: threading.Thread | None = None
         self._connected = threading.Event()
         self.error = ""
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=post_id,
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=post_id,
                                   protocol=paho.MQTTv5)
         self.client.username_pw_set(post_id, password)
         self.client.max_inflight_messages_set(200)

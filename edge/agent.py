@@ -499,7 +499,7 @@ class EdgeAgent:
         task.add_done_callback(self._call_done)
 
     def _call_done(self, task: asyncio.Future[None]) -> None:
-        self._call_tasks.discard(task)  # type: ignore[arg-type]
+        self._call_tasks.discard(task)  # type: ignore[arg-type,unused-ignore]
         if task.cancelled():
             return
         exc = task.exception()

@@ -121,7 +121,7 @@ class Outbox:
 
     def _meta(self, key: str, default: int | str) -> int | str:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return default if row is None else row[0]  # type: ignore[no-any-return]
+        return default if row is None else row[0]  # type: ignore[no-any-return,unused-ignore]
 
     def _open_writable(self) -> None:
         db = self._db

@@ -15,10 +15,15 @@ import random
 import signal
 import sys
 import time
+from functools import partial
 
 from firmware_sim.fleet import Fleet, SimPost
 
 log = logging.getLogger("alarmpost.sim")
+
+
+def _emit_sent(post_id: str, event_id: str, attempt: int) -> None:
+    emit(type="sent", post=post_id, event_id=event_id, attempt=attempt)
 
 
 def emit(**fields: object) -> None:
@@ -83,10 +88,7 @@ def run_sim(args: argparse.Namespace) -> int:
                 lambda ev: emit(type="event", post=ev.post, event_id=ev.id, seq=ev.seq,
                                 epoch=ev.epoch, at=ev.ts)
             )
-            post.agent.sent_listeners.append(
-                lambda event_id, attempt, post_id=post.post_id: emit(
-                    type="sent", post=post_id, event_id=event_id, attempt=attempt)
-            )
+            post.agent.sent_listeners.append(partial(_emit_sent, post.post_id))
         fleet.start()
         tasks = []
         if args.control:

@@ -561,7 +561,7 @@ def _is_ping(raw: str) -> bool:
         message = parse_json(raw, max_bytes=MAX_WS_MESSAGE)
     except BadInput:
         return False
-    return message == {"type": "ping"}
+    return bool(message == {"type": "ping"})
 
 
 async def _close_sockets(app: web.Application) -> None:
