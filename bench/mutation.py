@@ -92,7 +92,7 @@ OUT_OF_SCOPE: dict[str, frozenset[str]] = {
     # bounds (JSON depth and size, parameters, header deadline) are guarded by the fuzz tests.
     "server/webutil.py": frozenset({
         "error", "refuse", "bad_input", "DeadlineServer.__init__", "DeadlineServer.__call__",
-        "DeadlineAppRunner.__init__", "DeadlineAppRunner._make_server", "json_depth", "_float",
+        "DeadlineAppRunner.__init__", "DeadlineAppRunner._make_server", "_float",
         "_int", "_constant", "parse_json", "_read_at_most", "json_body", "query_int", "query_str",
         "str_field", "BadInput.__init__", "DeadlineRequestHandler.connection_made",
         "DeadlineRequestHandler._arm", "DeadlineRequestHandler._disarm",

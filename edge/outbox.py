@@ -22,7 +22,7 @@ import contextlib
 import secrets
 import sqlite3
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -151,23 +151,30 @@ class Outbox:
             return self.reserved_seq
         return seq + self.reserve_block
 
-    def add(self, make: Callable[[int], Event]) -> Event:
-        """Allocate the next sequence number, build the event with it, and commit both."""
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; if anything fails it is undone, the numbers kept in memory
+        too, and the failure goes on to the caller."""
         db = self._db
         before = self.last_seq, self.reserved_seq
         db.execute("BEGIN IMMEDIATE")
         try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            self.last_seq, self.reserved_seq = before
+            raise
+
+    def add(self, make: Callable[[int], Event]) -> Event:
+        """Allocate the next sequence number, build the event with it, and commit both."""
+        with self._transaction() as db:
             event = make(self.last_seq + 1)
             self._set_seqs(event.seq, self._reserved_after(event.seq))
             db.execute(
                 "INSERT INTO outbox (seq, id, payload, created) VALUES (?, ?, ?, ?)",
                 (event.seq, event.id, encode(event), event.ts),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            _rollback(db)
-            self.last_seq, self.reserved_seq = before
-            raise
         return event
 
     def store(self, events: Iterable[Event], *, used_up_to: int = 0,
@@ -175,11 +182,8 @@ class Outbox:
         """Write what was kept in memory while the disk failed, in one transaction: ``events``
         (with the numbers they were sent with), the highest number used (``used_up_to``), and
         the removal of events ``acked`` meanwhile. Returns how many events were written."""
-        db = self._db
-        before = self.last_seq, self.reserved_seq
         written = 0
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             last = max(self.last_seq, used_up_to)
             for event in events:
                 written += db.execute(
@@ -189,11 +193,6 @@ class Outbox:
                 last = max(last, event.seq)
             db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in acked])
             self._set_seqs(last, max(self._reserved_after(last), last + 1))
-            db.execute("COMMIT")
-        except BaseException:
-            _rollback(db)
-            self.last_seq, self.reserved_seq = before
-            raise
         return written
 
     def pending(self) -> list[Pending]:

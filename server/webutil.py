@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from protocol.messages import json_depth
 from server.logthrottle import LogThrottle, left_out_note
 
 if TYPE_CHECKING:
@@ -220,35 +221,6 @@ class HttpLimits:
 
 
 LIMITS_KEY: web.AppKey[HttpLimits] = web.AppKey("http_limits", HttpLimits)
-_STRUCTURE: Final = frozenset('[]{}"\\')
-
-
-def json_depth(text: str) -> int:
-    """How deeply ``[]`` and ``{}`` nest in ``text``, outside strings: a linear scan that never
-    recurses (and an upper bound for text that is not JSON at all)."""
-    if text.count("[") + text.count("{") <= 1:
-        return 1 if ("[" in text or "{" in text) else 0
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if char not in _STRUCTURE:
-            escaped = False
-            continue
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
 
 
 def _float(text: str) -> float:
@@ -280,7 +252,8 @@ def parse_json(raw: bytes | str, max_bytes: int = MAX_BODY, max_depth: int = MAX
             raise BadInput("encoding", "the body must be UTF-8 text") from None
     else:
         text = raw
-    if json_depth(text) > max_depth:
+    scanned = raw if isinstance(raw, bytes) else text.encode("utf-8", "surrogatepass")
+    if json_depth(scanned, limit=max_depth) > max_depth:
         raise BadInput("too_deep", f"JSON nested deeper than {max_depth} levels")
     try:
         value = json.loads(text, parse_float=_float, parse_int=_int, parse_constant=_constant)

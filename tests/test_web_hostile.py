@@ -376,10 +376,11 @@ async def test_a_socket_trickling_its_body_is_answered_408(
 
 
 def test_parse_json_bounds_depth_before_parsing_and_refuses_what_no_store_takes() -> None:
-    from server.webutil import BadInput, json_depth, parse_json
+    from protocol.messages import json_depth
+    from server.webutil import BadInput, parse_json
 
-    assert json_depth('{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": [1, {"c": []}]}') == 4
-    assert json_depth('["\\"[[[[", "\\\\", [[]]]') == 3  # escaped quotes and backslashes
+    assert json_depth(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": [1, {"c": []}]}', 100) == 4
+    assert json_depth(b'["\\"[[[[", "\\\\", [[]]]', 100) == 3  # escaped quotes, backslashes
     assert parse_json('{"a": "' + "[" * 100 + '"}') == {"a": "[" * 100}
     assert parse_json(b'{"emoji": "\\ud83d\\ude00"}') == {"emoji": "\U0001F600"}  # a real pair
     for raw, reason in [("[" * 17 + "]" * 17, "too_deep"), ('{"a": "\\ud800"}', "encoding"),
