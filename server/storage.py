@@ -358,7 +358,7 @@ class SqliteStorage:
             tally[2] += 1
             highest = 0
         # (A first epoch after none is an upgraded post whose outbox, and seq, carry on.)
-        if highest:
+        if highest and event.seq <= highest:  # a number above the highest is new: no look-up
             if conn.execute("SELECT 1 FROM events WHERE post_id=? AND epoch=? AND seq=? LIMIT 1",
                             (event.post, event.epoch, event.seq)).fetchone() is not None:
                 anomaly = "repeat"
