@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sqlite3
 import threading
 import time
@@ -386,25 +385,3 @@ async def test_a_post_that_goes_silent_is_offline_within_two_and_a_half_interval
         await until(lambda: server.live["P001"].state == "online", 5, "P001 back")
     assert db_rows(deployment, "SELECT COUNT(*) FROM faults WHERE ended_at IS NOT NULL") == [(1,)]
 
-
-async def test_a_post_cut_off_mid_session_is_offline_by_its_last_will_then_back(
-    deployment: d.Deployment, server: CentralServer
-) -> None:
-    """Promise: a post that drops off the network is seen at once, by the Last Will it left
-    with the broker (retained `offline`, reason "connection lost"), not only when its heartbeats
-    stop; it comes back on its own."""
-    async with run_posts(deployment, "P001", timing__heartbeat_s=30.0) as posts:
-        agent = posts["P001"].agent
-        await until(lambda: server.live["P001"].state == "online", 5, "P001 online")
-        assert agent._client is not None
-        sock = agent._client._client.socket()  # the TCP connection under the MQTT session
-        assert sock is not None
-        sock.shutdown(socket.SHUT_RDWR)  # the cable is pulled: no DISCONNECT, no offline
-        await until(lambda: db_rows(deployment, "SELECT detail FROM faults WHERE post_id='P001'"),
-                    5, "an offline fault from the Last Will")
-        assert db_rows(deployment, "SELECT kind, detail FROM faults WHERE post_id='P001'") == [
-            ("offline", "connection lost")]
-        assert server.metrics.value("post_offline_total", reason="connection lost") == 1
-        await until(lambda: agent.connected.is_set() and server.live["P001"].state == "online",
-                    10, "P001 reconnected and online again")
-    assert agent.counters["session_taken_over"] == 0  # its own will is not a clone's
