@@ -23,14 +23,12 @@ heartbeats, smoothed) is shown in its health.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
 import signal
 import time
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiomqtt
@@ -67,9 +65,10 @@ from server.calls import CallRelay
 from server.commands import CommandTracker
 from server.config import ServerConfig
 from server.dispatch import Dispatcher
+from server.live import LivePost
 from server.logthrottle import LogThrottle, left_out_note
 from server.metrics import Metrics
-from server.storage import Committed, PostInfo, SqliteStorage, Storage
+from server.storage import Committed, PostInfo, Storage, open_storage
 
 log = logging.getLogger("alarmpost.server")
 
@@ -124,30 +123,10 @@ def load_registry(path: Path | str) -> list[PostInfo]:
     return posts
 
 
-@dataclass
-class LivePost:
-    """What the server knows of a post right now (persisted every ``flush_s``)."""
-
-    state: str = "unknown"
-    last_seen: float | None = None
-    interval_s: float = 10.0
-    health: dict[str, object] = field(default_factory=dict)
-    deadline: asyncio.TimerHandle | None = None
-    dirty: bool = False
-    clock_offset_s: float | None = None  # server receipt - post ts, smoothed over heartbeats
-    reported_faults: set[str] = field(default_factory=set)  # open, as the post reports them
-    fault_opens: collections.deque[float] = field(default_factory=collections.deque)
-    session_changes: collections.deque[float] = field(default_factory=collections.deque)
-    last_session_change: float = 0.0
-    clone_suspected: bool = False
-
-
 class CentralServer:
     def __init__(self, config: ServerConfig, storage: Storage | None = None) -> None:
         self.config = config
-        self.storage: Storage = storage or SqliteStorage(
-            config.database.path, config.database.synchronous
-        )
+        self.storage: Storage = storage or open_storage(config.database)
         self.metrics = Metrics()
         self._log_throttle = LogThrottle()  # per sender and reason: counted always, logged bounded
         self.bus = Bus()
@@ -158,22 +137,22 @@ class CentralServer:
         self._client: aiomqtt.Client | None = None
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self._setup_metrics()
-        db = getattr(self.storage, "db", None)  # commands live beside the incidents (SQLite)
-        assert db is not None, "commands need the SQLite storage"
         console = config.console
-        self.commands = CommandTracker(db, self.bus, console.command_timeout_s,
-                                       lambda: self._client, self.storage.note)
+        self.commands = CommandTracker(self.storage.commands, self.bus, console.command_timeout_s,
+                                       lambda: self._client, self.storage.incidents.note)
         self.calls = CallRelay(self.bus, console.call_timeout_s, lambda: self._client,
-                               self.storage.note)
+                               self.storage.incidents.note)
         self.reload_registry()
-        self.dispatcher = Dispatcher(self)  # patrol teams: paging, escalation, queue
+        # Patrol teams: paging, escalation, queue.
+        self.dispatcher = Dispatcher(config.dispatch, self.storage, self.bus, self.metrics,
+                                     self.transition, self.reject)
 
     # ------------------------------------------------------------------ registry / metrics
     def reload_registry(self) -> None:
         posts = load_registry(self.config.registry.posts_file)
-        self.storage.upsert_posts(posts)
-        states = self.storage.post_states()
-        faults = self.storage.open_fault_kinds()
+        self.storage.posts.upsert(posts)
+        states = self.storage.posts.states()
+        faults = self.storage.posts.open_fault_kinds()
         default = self.config.supervision.default_heartbeat_s
         for post in posts:
             if post.id not in self.live:
@@ -210,7 +189,7 @@ class CentralServer:
         m.counter("post_faults_reported_total", "Faults opened as posts reported them, by kind")
         m.counter("post_faults_throttled_total", "Reported faults not recorded (too many, too fast)")
         m.counter("clone_suspected_total", "Posts whose sessions flapped (a cloned credential?)")
-        m.gauge("incidents_open", "Incidents currently open", self.storage.open_incident_count)
+        m.gauge("incidents_open", "Incidents currently open", self.storage.incidents.open_count)
         m.gauge("posts_online", "Posts currently online",
                 lambda: sum(1 for p in self.live.values() if p.state == "online"))
         m.gauge("posts_known", "Posts in the registry", lambda: len(self.live))
@@ -259,7 +238,7 @@ class CentralServer:
         self._stopping.set()
 
     async def run(self) -> None:
-        from server.api import start_http
+        from server.web.api import start_http
 
         runner = await start_http(self)
         loop = asyncio.get_running_loop()
@@ -451,7 +430,7 @@ class CentralServer:
             while not queue.empty() and len(batch) < COMMIT_BATCH_MAX:
                 batch.append(queue.get_nowait())
             try:
-                results = self.storage.commit_events(batch)
+                results = self.storage.incidents.commit_events(batch)
             except Exception:
                 # Nothing is acknowledged, so every post will resend: no alarm is lost.
                 log.exception("commit of %d events failed; the posts will resend them", len(batch))
@@ -525,7 +504,7 @@ class CentralServer:
 
         Raises ``LookupError`` (no such incident) or ``server.incidents.InvalidTransition``.
         """
-        incident = self.storage.transition(incident_id, to, actor, reason=reason,
+        incident = self.storage.incidents.transition(incident_id, to, actor, reason=reason,
                                            classification=classification)
         self.bus.publish("incident_updated", incident_id=incident_id, state=incident["state"],
                          action=to, actor=actor)
@@ -539,13 +518,13 @@ class CentralServer:
         Raises ``LookupError`` for an unknown post."""
         if post_id not in self.live:
             raise LookupError(f"no post {post_id!r}")
-        row = self.storage.set_test_mode(post_id, on, actor, reason)
+        row = self.storage.posts.set_test_mode(post_id, on, actor, reason)
         log.warning("post %s %s test mode by %s: %s", post_id, "in" if on else "out of",
                     actor, reason or "-")
         self.bus.publish("post_test_mode", post_id=post_id, test_mode=on, actor=actor,
                          reason=reason)
         if not on:
-            for incident in self.storage.incidents("open", 1000):
+            for incident in self.storage.incidents.recent("open", 1000):
                 if incident["post_id"] == post_id and incident["classification"] == "test":
                     self.transition(incident["id"], "resolved", actor, classification="test",
                                     reason="test mode ended")
@@ -557,7 +536,7 @@ class CentralServer:
         """Open a fault record for each code the post starts reporting, close those it stops."""
         reported = set(codes) - SERVER_FAULT_KINDS
         for code in sorted(live.reported_faults - reported):
-            self.storage.close_fault(post_id, code, now)
+            self.storage.posts.close_fault(post_id, code, now)
             live.reported_faults.discard(code)
             log.info("post %s no longer reports fault %s", post_id, code)
         while live.fault_opens and live.fault_opens[0] < now - FAULT_WINDOW_S:
@@ -568,7 +547,7 @@ class CentralServer:
                 log.warning("post %s reports faults too fast; %s not recorded yet", post_id, code)
                 continue
             live.fault_opens.append(now)
-            self.storage.open_fault(post_id, code, FAULT_TEXT.get(code, "reported by the post"),
+            self.storage.posts.open_fault(post_id, code, FAULT_TEXT.get(code, "reported by the post"),
                                     now)
             live.reported_faults.add(code)
             self.metrics.inc("post_faults_reported_total",
@@ -586,7 +565,7 @@ class CentralServer:
             changes.popleft()
         if len(changes) >= CLONE_SESSIONS and not live.clone_suspected:
             live.clone_suspected = True
-            self.storage.open_fault(
+            self.storage.posts.open_fault(
                 post_id, "clone_suspected",
                 f"two devices may be using this post's credential ({len(changes)} sessions "
                 f"started or lost within {CLONE_WINDOW_S:g} s)", now)
@@ -595,7 +574,7 @@ class CentralServer:
                         "credential", post_id, len(changes), CLONE_WINDOW_S)
         elif live.clone_suspected and now - live.last_session_change > CLONE_QUIET_S:
             live.clone_suspected = False
-            self.storage.close_fault(post_id, "clone_suspected", now)
+            self.storage.posts.close_fault(post_id, "clone_suspected", now)
             log.info("post %s: sessions steady for %g s, clone suspicion closed", post_id,
                      CLONE_QUIET_S)
 
@@ -605,7 +584,7 @@ class CentralServer:
         if live.state != "online":
             was = live.state
             live.state = "online"
-            self.storage.set_post_state(post_id, "online", now, "")
+            self.storage.posts.set_state(post_id, "online", now, "")
             self.bus.publish("post_state", post_id=post_id, state="online", reason="")
             log.info("post %s online (was %s)", post_id, was)
         self._arm_deadline(post_id, live, now)
@@ -632,7 +611,7 @@ class CentralServer:
             live.deadline.cancel()
             live.deadline = None
         live.state = "offline"
-        self.storage.set_post_state(post_id, "offline", now, reason)
+        self.storage.posts.set_state(post_id, "offline", now, reason)
         self.bus.publish("post_state", post_id=post_id, state="offline", reason=reason)
         self.metrics.inc("post_offline_total", reason=reason)
         log.warning("post %s offline: %s", post_id, reason)
@@ -644,7 +623,7 @@ class CentralServer:
                 rows.append((post_id, live.last_seen, json.dumps(live.health)))
                 live.dirty = False
         if rows:
-            self.storage.save_live(rows)
+            self.storage.posts.save_live(rows)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -660,7 +639,7 @@ class CentralServer:
             return
         while True:
             await asyncio.sleep(min(idle / 4, 5.0))
-            for incident_id in self.storage.resolve_idle_incidents(idle, time.time()):
+            for incident_id in self.storage.incidents.resolve_idle(idle, time.time()):
                 self.bus.publish("incident_updated", incident_id=incident_id, state="resolved",
                                  action="resolved", actor="system")
                 log.info("incident %s resolved automatically after %.0f s idle", incident_id, idle)

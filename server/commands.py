@@ -16,46 +16,30 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import aiomqtt
-import sqlite_utils
 
 from protocol.messages import Command, CommandResult, encode
 from protocol.topics import post_topic
 from protocol.ulid import new_ulid
 from server.bus import Bus
+from server.storage import CommandStore
 
 log = logging.getLogger("alarmpost.server.commands")
 
 COMMANDS: Final = ("silence", "reset", "strobe_off", "siren_on", "strobe_on")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS commands (
-    id TEXT PRIMARY KEY,
-    post_id TEXT NOT NULL,
-    cmd TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    incident_id TEXT,
-    sent_at REAL NOT NULL,
-    state TEXT NOT NULL,
-    answered_at REAL,
-    detail TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS commands_post ON commands(post_id, sent_at);
-"""
-
 AuditWriter = Callable[[str, str, str, str], None]  # incident_id, actor, action, detail
 
 
 class CommandTracker:
-    def __init__(self, db: sqlite_utils.Database, bus: Bus, timeout_s: float,
+    def __init__(self, store: CommandStore, bus: Bus, timeout_s: float,
                  client: Callable[[], aiomqtt.Client | None],
                  audit: AuditWriter | None = None) -> None:
-        self.db = db
+        self.store = store
         self.bus = bus
         self.timeout_s = timeout_s
         self._client = client
         self._audit = audit
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        db.executescript(_SCHEMA)
 
     async def send(self, post_id: str, cmd: str, actor: str,
                    incident_id: str | None = None) -> dict[str, Any]:
@@ -65,12 +49,7 @@ class CommandTracker:
             raise ValueError(f"unknown command {cmd!r}; one of: {', '.join(COMMANDS)}")
         now = time.time()
         command = Command(id=new_ulid(now), post=post_id, cmd=cmd, ts=now)  # type: ignore[arg-type]
-        with self.db.atomic():
-            self.db.execute(
-                "INSERT INTO commands (id, post_id, cmd, actor, incident_id, sent_at, state) "
-                "VALUES (?,?,?,?,?,?, 'sent')",
-                (command.id, post_id, cmd, actor, incident_id, now),
-            )
+        self.store.add(command.id, post_id, cmd, actor, incident_id, now)
         if incident_id and self._audit is not None:
             self._audit(incident_id, actor, f"command_{cmd}", f"command {command.id} sent")
         client = self._client()
@@ -110,11 +89,7 @@ class CommandTracker:
         timer = self._timers.pop(command_id, None)
         if timer is not None:
             timer.cancel()
-        with self.db.atomic():
-            self.db.execute(
-                "UPDATE commands SET state=?, answered_at=?, detail=? WHERE id=?",
-                (state, time.time(), detail[:200], command_id),
-            )
+        self.store.finish(command_id, state, detail)
         record = self.get(command_id)
         assert record is not None
         log.info("command %s %s to post %s: %s %s", command_id, record["cmd"], record["post_id"],
@@ -126,15 +101,10 @@ class CommandTracker:
         return record
 
     def get(self, command_id: str) -> dict[str, Any] | None:
-        rows = list(self.db.query("SELECT * FROM commands WHERE id=?", (command_id,)))
-        return rows[0] if rows else None
+        return self.store.get(command_id)
 
     def recent(self, post_id: str | None, limit: int) -> list[dict[str, Any]]:
-        if post_id:
-            return list(self.db.query(
-                "SELECT * FROM commands WHERE post_id=? ORDER BY sent_at DESC LIMIT ?",
-                (post_id, limit)))
-        return list(self.db.query("SELECT * FROM commands ORDER BY sent_at DESC LIMIT ?", (limit,)))
+        return self.store.recent(post_id, limit)
 
     def close(self) -> None:
         for timer in self._timers.values():

@@ -27,9 +27,15 @@ class MqttSection:
 
 @dataclass
 class DatabaseSection:
-    path: str = "alarmpost.db"
-    # FULL: a committed (and so acknowledged) event survives a power cut, not only a crash.
+    backend: str = "sqlite"  # "sqlite" (embedded, one server) or "postgresql"
+    path: str = "alarmpost.db"  # sqlite: the database file
+    # sqlite: FULL, so a committed (and so acknowledged) event survives a power cut, not only a
+    # crash. (PostgreSQL runs every connection with synchronous_commit = on.)
     synchronous: str = "FULL"
+    dsn: str = ""  # postgresql: e.g. "postgresql://alarmpost@db.example:5432/alarmpost"
+    pool_size: int = 4  # postgresql: connections at most
+    connect_timeout_s: float = 5.0  # postgresql: to connect, or to wait for a free connection
+    statement_timeout_s: float = 5.0  # postgresql: a statement running longer is cancelled
 
 
 @dataclass
@@ -93,7 +99,7 @@ class ConsoleSection:
 
 @dataclass
 class PatrolAppSection:
-    """The patrol teams' mobile web app at /patrol (server.patrol_web); logins are rate-limited
+    """The patrol teams' mobile web app at /patrol (server.web.patrol); logins are rate-limited
     and cookies made Secure by the [console] settings."""
 
     session_ttl_s: float = 24 * 3600.0  # a team's login on its phone lasts this long
@@ -122,8 +128,19 @@ class ServerConfig:
                 "config or in $ALARMPOST_SERVER_HTTP_API_TOKEN (`alarmpost provision init` "
                 "generates one)"
             )
-        if self.database.synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
+        db = self.database
+        if db.backend not in ("sqlite", "postgresql"):
+            raise ConfigError(f"[database] backend must be \"sqlite\" or \"postgresql\", "
+                              f"not {db.backend!r}")
+        if db.synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
             raise ConfigError("[database] synchronous must be FULL, EXTRA or NORMAL")
+        if db.backend == "postgresql" and not db.dsn:
+            raise ConfigError("[database] backend = \"postgresql\" needs dsn, e.g. "
+                              "\"postgresql://alarmpost@db.example:5432/alarmpost\" (or "
+                              "$ALARMPOST_SERVER_DATABASE_DSN)")
+        if db.pool_size < 1 or db.connect_timeout_s <= 0 or db.statement_timeout_s <= 0:
+            raise ConfigError("[database] pool_size must be >= 1, connect_timeout_s and "
+                              "statement_timeout_s > 0")
         if self.http.read_timeout_s <= 0:
             raise ConfigError("[http] read_timeout_s must be > 0")
         c = self.console

@@ -1,11 +1,11 @@
-"""Patrol teams: the registry (SQLite), geometry (great-circle distance, zones, shifts), and the
+"""Patrol teams: the registry, geometry (great-circle distance, zones, shifts), and the
 team API.
 
 A team has an id (also its MQTT user name ``team-{id}``), a name, its members' contacts, the zone
 it is responsible for (a polygon ``[[lat, lon], ...]`` or a list of post ids) and its shift hours
 (``"HH:MM-HH:MM"`` in the server's local time, may cross midnight; empty = always on duty).
 
-The registry lives in the server's database (tables ``teams`` and ``team_live``), next to the
+The registry lives in the server's database (:class:`server.storage.TeamStore`), next to the
 incidents; ``alarmpost patrol team add/list/remove`` edits it, and a running server notices the
 change by itself (see :class:`server.dispatch.Dispatcher`).
 """
@@ -17,41 +17,12 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import sqlite_utils
-from aiohttp import web
+from typing import Any
 
 from protocol.topics import valid_team_id
-
-if TYPE_CHECKING:
-    from server.app import CentralServer
+from server.storage import TeamExists, TeamStore
 
 EARTH_RADIUS_KM = 6371.0088
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS teams (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    contacts TEXT NOT NULL DEFAULT '[]',
-    zone TEXT NOT NULL DEFAULT '{}',
-    shift TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS team_live (
-    team_id TEXT PRIMARY KEY,
-    status TEXT,
-    status_at REAL,
-    lat REAL,
-    lon REAL,
-    position_at REAL
-);
-CREATE TABLE IF NOT EXISTS team_app_passwords (  -- the patrol web app's login (server.patrol_web)
-    team_id TEXT PRIMARY KEY,
-    password_hash TEXT NOT NULL,
-    updated_at REAL NOT NULL
-);
-"""
 
 _SHIFT_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 
@@ -170,10 +141,6 @@ def check_polygon(raw: object) -> tuple[tuple[float, float], ...]:
 
 
 # ---------------------------------------------------------------------------- registry
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    db.executescript(SCHEMA)
-
-
 def make_team(team_id: str, name: str = "", contacts: list[str] | tuple[str, ...] = (),
               zone_polygon: object = None, zone_posts: list[str] | tuple[str, ...] = (),
               shift: str = "") -> Team:
@@ -191,110 +158,27 @@ def make_team(team_id: str, name: str = "", contacts: list[str] | tuple[str, ...
                 zone_posts=frozenset(zone_posts), shift=shift, created_at=time.time())
 
 
-def add_team(db: sqlite_utils.Database, team: Team) -> None:
-    ensure_schema(db)
-    zone = team.as_dict()["zone"]
-    with db.atomic():
-        if db.execute("SELECT 1 FROM teams WHERE id=?", (team.id,)).fetchone():
-            raise TeamError(f"team {team.id!r} already exists")
-        db.execute(
-            "INSERT INTO teams (id, name, contacts, zone, shift, created_at) VALUES (?,?,?,?,?,?)",
-            (team.id, team.name, json.dumps(list(team.contacts)), json.dumps(zone), team.shift,
-             team.created_at),
-        )
+def add_team(store: TeamStore, team: Team) -> None:
+    try:
+        store.add(team.id, team.name, team.contacts, team.as_dict()["zone"], team.shift,
+                  team.created_at)
+    except TeamExists as exc:
+        raise TeamError(str(exc)) from None
 
 
-def remove_team(db: sqlite_utils.Database, team_id: str) -> bool:
-    ensure_schema(db)
-    with db.atomic():
-        gone = db.execute("DELETE FROM teams WHERE id=?", (team_id,)).rowcount
-        db.execute("DELETE FROM team_live WHERE team_id=?", (team_id,))
-        db.execute("DELETE FROM team_app_passwords WHERE team_id=?", (team_id,))
-    return bool(gone)
+def remove_team(store: TeamStore, team_id: str) -> bool:
+    return store.remove(team_id)
 
 
 def _row_team(row: dict[str, Any]) -> Team:
-    zone = json.loads(row["zone"] or "{}")
+    zone = row["zone"]
     return Team(
-        id=row["id"], name=row["name"], contacts=tuple(json.loads(row["contacts"] or "[]")),
+        id=row["id"], name=row["name"], contacts=tuple(row["contacts"]),
         zone_polygon=tuple((float(a), float(b)) for a, b in zone.get("polygon", [])),
         zone_posts=frozenset(zone.get("posts", [])), shift=row["shift"],
         created_at=row["created_at"],
     )
 
 
-def load_teams(db: sqlite_utils.Database) -> dict[str, Team]:
-    ensure_schema(db)
-    return {r["id"]: _row_team(r) for r in db.query("SELECT * FROM teams ORDER BY id")}
-
-
-# ---------------------------------------------------------------------------- HTTP API
-async def _teams(request: web.Request) -> web.Response:
-    server = _server(request)
-    return web.json_response(server.dispatcher.team_views())
-
-
-async def _team(request: web.Request) -> web.Response:
-    view = _server(request).dispatcher.team_view(request.match_info["team_id"])
-    if view is None:
-        raise web.HTTPNotFound(reason="no such team")
-    return web.json_response(view)
-
-
-def _strings(body: dict[str, Any], key: str) -> list[str]:
-    value = body.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise web.HTTPBadRequest(reason=f"{key!r} must be a list of strings")
-    return value
-
-
-async def _create_team(request: web.Request) -> web.Response:
-    """POST /api/teams {id, name?, contacts?, zone_posts? | zone_polygon?, shift?}: register a
-    team, as ``alarmpost patrol team add`` does (its device credentials stay a CLI matter)."""
-    from server.webutil import json_body, str_field
-
-    server = _server(request)
-    body = await json_body(request)
-    unknown = set(body) - {"id", "name", "contacts", "zone_posts", "zone_polygon", "shift"}
-    if unknown:
-        raise web.HTTPBadRequest(reason=f"unknown field(s): {', '.join(sorted(unknown))}")
-    team_id = str_field(body, "id", 59)
-    if team_id in server.dispatcher.teams:
-        raise web.HTTPConflict(reason=f"team {team_id!r} already exists")
-    try:
-        team = make_team(team_id, str_field(body, "name", 100, required=False),
-                         _strings(body, "contacts"), body.get("zone_polygon"),
-                         _strings(body, "zone_posts"), str_field(body, "shift", 11, required=False))
-        add_team(server.dispatcher.db, team)
-    except TeamError as exc:
-        raise web.HTTPBadRequest(reason=str(exc)) from None
-    server.dispatcher.reload_teams()
-    return web.json_response(server.dispatcher.team_view(team.id), status=201)
-
-
-async def _delete_team(request: web.Request) -> web.Response:
-    """DELETE /api/teams/{id}: refused while the team has a page or an assignment open."""
-    server = _server(request)
-    team_id = request.match_info["team_id"]
-    incident = server.dispatcher.committed.get(team_id)
-    if incident is not None:
-        raise web.HTTPConflict(reason=f"team {team_id!r} is on incident {incident}; cancel its "
-                                      "page or close the incident first")
-    if not remove_team(server.dispatcher.db, team_id):
-        raise web.HTTPNotFound(reason="no such team")
-    server.dispatcher.reload_teams()
-    return web.json_response({"removed": team_id})
-
-
-def _server(request: web.Request) -> CentralServer:
-    from server.api import SERVER_KEY
-
-    return request.app[SERVER_KEY]
-
-
-def add_routes(app: web.Application) -> None:
-    """GET/POST /api/teams, GET/DELETE /api/teams/{id} (behind the API's bearer-token guard)."""
-    app.router.add_get("/api/teams", _teams)
-    app.router.add_post("/api/teams", _create_team)
-    app.router.add_get("/api/teams/{team_id}", _team)
-    app.router.add_delete("/api/teams/{team_id}", _delete_team)
+def load_teams(store: TeamStore) -> dict[str, Team]:
+    return {r["id"]: _row_team(r) for r in store.all()}

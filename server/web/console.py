@@ -39,14 +39,16 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
 from protocol.topics import valid_post_id
 from server.calls import CallError
-from server.console.auth import (
+from server.incidents import CLASSIFICATIONS, STATES, InvalidTransition
+from server.live import with_live
+from server.web.auth import (
     CSRF_HEADER,
     PRELOGIN_COOKIE,
     ROLES,
@@ -58,8 +60,8 @@ from server.console.auth import (
     login_refused,
     same_token,
 )
-from server.incidents import CLASSIFICATIONS, STATES, InvalidTransition
-from server.webutil import (
+from server.web.host import ServerHost
+from server.web.http import (
     BadInput,
     Handler,
     error,
@@ -73,14 +75,11 @@ from server.webutil import (
     str_field,
 )
 
-if TYPE_CHECKING:
-    from server.app import CentralServer
-
 log = logging.getLogger("alarmpost.console")
 
 PREFIX: Final = "/console"
 PUBLIC: Final = "public"
-STATIC_DIR: Final = Path(__file__).parent / "static"
+STATIC_DIR: Final = Path(__file__).parent / "console_static"
 MAX_WS_MESSAGE: Final = 64 * 1024
 
 H = TypeVar("H", bound=Handler)
@@ -88,12 +87,10 @@ T = TypeVar("T")
 
 
 class ConsoleState:
-    def __init__(self, server: CentralServer) -> None:
+    def __init__(self, server: ServerHost) -> None:
         self.server = server
         cfg = server.config.console
-        db = getattr(server.storage, "db", None)
-        assert db is not None, "the console needs the SQLite storage"
-        self.accounts = Accounts(db, cfg.session_ttl_s)
+        self.accounts = Accounts(server.storage.accounts, cfg.session_ttl_s)
         self.limiter = login_limiter(server)
         self.sockets: set[web.WebSocketResponse] = set()
         self.socket_users: dict[web.WebSocketResponse, str] = {}
@@ -133,7 +130,7 @@ def route_permission(request: web.Request) -> str | None:
     return getattr(route.handler, "permission", None)
 
 
-def _refuse(server: CentralServer, request: web.Request, status: int, reason: str,
+def _refuse(server: ServerHost, request: web.Request, status: int, reason: str,
             message: str, **headers: str) -> web.Response:
     return refuse(server.metrics, "console_refused_total", request, status, reason, message,
                   **headers)
@@ -278,15 +275,10 @@ async def me(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------------- incidents
-def incident_summary(server: CentralServer, incident_id: str) -> dict[str, Any] | None:
-    rows = list(server.storage.db.query(  # type: ignore[attr-defined]
-        "SELECT i.id, i.post_id, i.state, i.opened_at, i.last_event_at, i.closed_at, "
-        "i.event_count, i.acknowledged_by, i.acknowledged_at, i.classification, i.note, "
-        "p.name AS post_name, p.school, p.address, p.lat, p.lon "
-        "FROM incidents i LEFT JOIN posts p ON p.id = i.post_id WHERE i.id=?", (incident_id,)))
-    if not rows:
+def incident_summary(server: ServerHost, incident_id: str) -> dict[str, Any] | None:
+    row = server.storage.incidents.summary(incident_id)
+    if row is None:
         return None
-    row: dict[str, Any] = rows[0]
     row["call_owner"] = server.calls.owner(row["post_id"])
     return row
 
@@ -297,7 +289,7 @@ async def incidents(request: web.Request) -> web.Response:
     state = request.query.get("state", "open")
     if state not in ("open", "closed", "all", *STATES):
         raise web.HTTPBadRequest(reason="state must be open, closed, all or an incident state")
-    rows = server.storage.incidents(None if state == "all" else state, 200)
+    rows = server.storage.incidents.recent(None if state == "all" else state, 200)
     return web.json_response([incident_summary(server, r["id"]) for r in rows])
 
 
@@ -305,7 +297,7 @@ async def incidents(request: web.Request) -> web.Response:
 async def incident(request: web.Request) -> web.Response:
     server = request.app[CONSOLE_KEY].server
     incident_id = request.match_info["incident_id"]
-    row = server.storage.incident(incident_id)
+    row = server.storage.incidents.get(incident_id)
     if row is None:
         raise web.HTTPNotFound(reason="no such incident")
     summary = incident_summary(server, incident_id) or {}
@@ -346,7 +338,7 @@ async def resolve(request: web.Request) -> web.Response:
                        classification=classification)
 
 
-def _dispatch(server: CentralServer, action: Callable[[], T]) -> T:
+def _dispatch(server: ServerHost, action: Callable[[], T]) -> T:
     """Run an operator override on the dispatcher; what it refuses is a counted 409."""
     from server.dispatch import DispatchError
 
@@ -361,7 +353,7 @@ def _dispatch(server: CentralServer, action: Callable[[], T]) -> T:
 async def page_team(request: web.Request) -> web.Response:
     server = request.app[CONSOLE_KEY].server
     incident_id = request.match_info["incident_id"]
-    if server.storage.incident(incident_id) is None:
+    if server.storage.incidents.get(incident_id) is None:
         raise web.HTTPNotFound(reason="no such incident")
     body = await json_body(request)
     team_id = str_field(body, "team_id", 64)
@@ -396,7 +388,7 @@ async def redispatch(request: web.Request) -> web.Response:
     """Start dispatch over, leaving out the team that has or was paged for it."""
     server = request.app[CONSOLE_KEY].server
     incident_id = request.match_info["incident_id"]
-    if server.storage.incident(incident_id) is None:
+    if server.storage.incidents.get(incident_id) is None:
         raise web.HTTPNotFound(reason="no such incident")
     reason = await _reason(request)
     user = _session(request).user.name
@@ -413,15 +405,13 @@ async def teams(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- posts
 @needs("posts.view")
 async def posts(request: web.Request) -> web.Response:
-    from server.api import _live
-
     server = request.app[CONSOLE_KEY].server
     faults: dict[str, list[dict[str, Any]]] = {}
-    for fault in server.storage.faults(True, 1000):
+    for fault in server.storage.posts.faults(True, 1000):
         faults.setdefault(fault["post_id"], []).append(fault)
     rows = []
-    for row in server.storage.posts():
-        row = _live(server, row)
+    for row in server.storage.posts.all():
+        row = with_live(server.live, row)
         row["faults"] = faults.get(row["id"], [])
         row["call_owner"] = server.calls.owner(row["id"])
         rows.append(row)
@@ -446,7 +436,7 @@ async def command(request: web.Request) -> web.Response:
     cmd = str_field(body, "cmd", 20)
     incident_id = body.get("incident_id")
     if incident_id is not None:
-        if not isinstance(incident_id, str) or server.storage.incident(incident_id) is None:
+        if not isinstance(incident_id, str) or server.storage.incidents.get(incident_id) is None:
             raise web.HTTPBadRequest(reason="incident_id names no incident")
     actor = _session(request).user.name
     try:
@@ -504,8 +494,7 @@ async def add_user(request: web.Request) -> web.Response:
 
 def _user_name(request: web.Request) -> str:
     name = request.match_info["name"]
-    if request.app[CONSOLE_KEY].accounts.db.execute(
-            "SELECT 1 FROM console_users WHERE name=?", (name,)).fetchone() is None:
+    if not request.app[CONSOLE_KEY].accounts.exists(name):
         raise web.HTTPNotFound(reason="no such user")
     return name
 
@@ -761,7 +750,7 @@ async def _close_sockets(app: web.Application) -> None:
         await ws.close(code=1001, message=b"server stopping")
 
 
-def setup_console(app: web.Application, server: CentralServer) -> ConsoleState:
+def setup_console(app: web.Application, server: ServerHost) -> ConsoleState:
     """Mount the console on the server's app (its middleware calls :func:`console_guard`)."""
     state = ConsoleState(server)
     app[CONSOLE_KEY] = state

@@ -13,23 +13,23 @@ DELETE /api/teams/{id}            remove a team (409 while it has a page or an a
 GET /metrics                      Prometheus text format
 GET /healthz                      "ok" once connected to the broker
 
-The operators' console (``/console/...``, :mod:`server.console.web`) uses sessions and CSRF
+The operators' console (``/console/...``, :mod:`server.web.console`) uses sessions and CSRF
 tokens instead of the bearer token: machines use the token, people log in. So does the patrol
-teams' phone app (``/patrol/...``, :mod:`server.patrol_web`), with one login per team.
+teams' phone app (``/patrol/...``, :mod:`server.web.patrol`), with one login per team.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from protocol.topics import valid_post_id
-from server.console.web import console_guard, is_console_path, setup_console
 from server.incidents import STATES
-from server.patrol_web import is_patrol_path, patrol_guard, setup_patrol_app
-from server.webutil import (
+from server.live import with_live
+from server.web.console import console_guard, is_console_path, setup_console
+from server.web.host import SERVER_KEY, ServerHost
+from server.web.http import (
     LIMITS_KEY,
     BadInput,
     DeadlineAppRunner,
@@ -42,13 +42,11 @@ from server.webutil import (
     run_handler,
     same_secret,
 )
-
-if TYPE_CHECKING:
-    from server.app import CentralServer
+from server.web.patrol import is_patrol_path, patrol_guard, setup_patrol_app
+from server.web.teams import add_routes as add_team_routes
 
 log = logging.getLogger("alarmpost.http")
 
-SERVER_KEY: web.AppKey[CentralServer] = web.AppKey("server")
 KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this
 
 
@@ -72,11 +70,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(500, "internal error; see the server log")
 
 
-async def _guarded(server: CentralServer, request: web.Request,
+async def _guarded(server: ServerHost, request: web.Request,
                    handler: Handler) -> web.StreamResponse:
     if is_console_path(request.path):
         return await console_guard(request, handler)
-    if is_patrol_path(request.path):  # the patrol teams' app: team sessions (server.patrol_web)
+    if is_patrol_path(request.path):  # the patrol teams' app: team sessions (server.web.patrol)
         return await patrol_guard(request, handler)
     header = request.headers.get("Authorization", "")
     given = header[7:].strip() if header.startswith("Bearer ") else ""
@@ -92,26 +90,17 @@ def _limit(request: web.Request) -> int:
     return query_int(request, "limit", 100, 1, 1000)
 
 
-def _live(server: CentralServer, row: dict[str, Any]) -> dict[str, Any]:
-    live = server.live.get(row["id"])
-    if live is not None:
-        row["state"] = live.state
-        row["last_seen"] = live.last_seen
-        row["health"] = live.health or row.get("health")
-    return row
-
-
 async def posts(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
-    return web.json_response([_live(server, r) for r in server.storage.posts()])
+    return web.json_response([with_live(server.live, r) for r in server.storage.posts.all()])
 
 
 async def post(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
-    row = server.storage.post(request.match_info["post_id"])
+    row = server.storage.posts.get(request.match_info["post_id"])
     if row is None:
         raise web.HTTPNotFound(reason="no such post")
-    return web.json_response(_live(server, row))
+    return web.json_response(with_live(server.live, row))
 
 
 async def incidents(request: web.Request) -> web.Response:
@@ -119,12 +108,12 @@ async def incidents(request: web.Request) -> web.Response:
     if state is not None and state not in ("open", "closed", *STATES):
         raise web.HTTPBadRequest(reason=f"state must be open, closed or one of {', '.join(STATES)}")
     server = request.app[SERVER_KEY]
-    return web.json_response(server.storage.incidents(state, _limit(request)))
+    return web.json_response(server.storage.incidents.recent(state, _limit(request)))
 
 
 async def incident(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
-    row = server.storage.incident(request.match_info["incident_id"])
+    row = server.storage.incidents.get(request.match_info["incident_id"])
     if row is None:
         raise web.HTTPNotFound(reason="no such incident")
     row["dispatch"] = server.dispatcher.incident_summary(row["id"])  # teams paged, key times
@@ -134,13 +123,13 @@ async def incident(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     post_id = query_str(request, "post", 64, valid_post_id)
-    return web.json_response(server.storage.events(post_id, _limit(request)))
+    return web.json_response(server.storage.incidents.events(post_id, _limit(request)))
 
 
 async def faults(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     open_only = query_str(request, "open", 5) in {"1", "true", "yes"}
-    return web.json_response(server.storage.faults(open_only, _limit(request)))
+    return web.json_response(server.storage.posts.faults(open_only, _limit(request)))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -153,7 +142,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": ready}, status=200 if ready else 503)
 
 
-def make_app(server: CentralServer) -> web.Application:
+def make_app(server: ServerHost) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
     app[SERVER_KEY] = server
     app[LIMITS_KEY] = HttpLimits(read_timeout_s=server.config.http.read_timeout_s)
@@ -173,13 +162,11 @@ def make_app(server: CentralServer) -> web.Application:
     app.router.add_get("/healthz", healthz)
     setup_console(app, server)
     setup_patrol_app(app, server)  # /patrol: the patrol teams' phone app
-    from server.patrol import add_routes as add_patrol_routes
-
-    add_patrol_routes(app)  # /api/teams, /api/teams/{id}
+    add_team_routes(app)  # /api/teams, /api/teams/{id}
     return app
 
 
-async def start_http(server: CentralServer) -> web.AppRunner:
+async def start_http(server: ServerHost) -> web.AppRunner:
     runner = DeadlineAppRunner(
         make_app(server), access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_S,
         header_timeout_s=server.config.http.read_timeout_s,

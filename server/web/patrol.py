@@ -2,10 +2,10 @@
 
 A team logs in on its phone with its team id and the app password set by
 ``alarmpost patrol team password --id T1`` (or ``team add --app-password-stdin``). The password is
-an argon2id hash, sessions and CSRF work as the console's (:mod:`server.console.auth`: a random
+an argon2id hash, sessions and CSRF work as the console's (:mod:`server.web.auth`: a random
 token in an ``HttpOnly; SameSite=Strict`` cookie, only its SHA-256 stored; ``X-CSRF-Token`` on
 every POST, ``?csrf=`` on the WebSocket; Origin checked; logins limited by the console's
-:class:`~server.console.auth.LoginLimiter`: refused per address, slowed but never locked per
+:class:`~server.web.auth.LoginLimiter`: refused per address, slowed but never locked per
 team). A session acts for its own team only: the team id comes from the session, never from
 the request.
 
@@ -40,16 +40,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import msgspec
-import sqlite_utils
 from aiohttp import WSMsgType, web
 
 from protocol.messages import Page, PageWithdrawn, Rejected
 from protocol.topics import team_topic, valid_team_id
-from server.console.auth import (
+from server.dispatch import NotifierUnavailable
+from server.incidents import CLASSIFICATIONS
+from server.patrol import Team, TeamError
+from server.storage import TeamStore
+from server.web.auth import (
     CSRF_HEADER,
     hash_password,
     login_limiter,
@@ -58,10 +61,8 @@ from server.console.auth import (
     token_digest,
     verify_password,
 )
-from server.dispatch import NotifierUnavailable
-from server.incidents import CLASSIFICATIONS
-from server.patrol import Team, TeamError, ensure_schema
-from server.webutil import (
+from server.web.host import ServerHost
+from server.web.http import (
     BadInput,
     Handler,
     error,
@@ -73,9 +74,6 @@ from server.webutil import (
     same_origin,
     str_field,
 )
-
-if TYPE_CHECKING:
-    from server.app import CentralServer
 
 log = logging.getLogger("alarmpost.patrol_web")
 
@@ -92,35 +90,19 @@ _STATUS: Final[dict[str, int]] = {
     "unknown_team": 403, "stale_position": 422, "future_timestamp": 422,
 }
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS team_sessions (
-    token_hash TEXT PRIMARY KEY,
-    team_id TEXT NOT NULL,
-    csrf TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL
-);
-"""
-
 H = TypeVar("H", bound=Handler)
 
 
 # ---------------------------------------------------------------------------- passwords
-def set_app_password(db: sqlite_utils.Database, team_id: str, password: str) -> None:
+def set_app_password(store: TeamStore, team_id: str, password: str) -> None:
     """Set (or change) a team's app password; its phones must log in again. Raises
     :class:`TeamError` (no such team) or :class:`UserError` (password too short or long)."""
-    ensure_schema(db)
-    db.executescript(SCHEMA)
-    if db.execute("SELECT 1 FROM teams WHERE id=?", (team_id,)).fetchone() is None:
+    if not store.exists(team_id):
         raise TeamError(f"no team {team_id!r} (add it first: alarmpost patrol team add)")
-    password_hash = hash_password(password)
-    now = time.time()
-    with db.atomic():
-        db.execute(
-            "INSERT INTO team_app_passwords (team_id, password_hash, updated_at) VALUES (?,?,?) "
-            "ON CONFLICT(team_id) DO UPDATE SET password_hash=excluded.password_hash, "
-            "updated_at=excluded.updated_at", (team_id, password_hash, now))
-        db.execute("DELETE FROM team_sessions WHERE team_id=?", (team_id,))
+    try:
+        store.set_app_password(team_id, hash_password(password))
+    except LookupError:
+        raise TeamError(f"no team {team_id!r} (add it first: alarmpost patrol team add)") from None
 
 
 @dataclass(frozen=True)
@@ -134,49 +116,34 @@ class TeamLogins:
     """Team app sessions in the server's database. A session outlives neither its team nor a
     password change (it must be newer than the password)."""
 
-    def __init__(self, db: sqlite_utils.Database, session_ttl_s: float) -> None:
-        self.db = db
+    def __init__(self, store: TeamStore, session_ttl_s: float) -> None:
+        self.store = store
         self.session_ttl_s = session_ttl_s
-        ensure_schema(db)
-        db.executescript(SCHEMA)
 
     def count(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM team_app_passwords").fetchone()[0])
+        return self.store.app_password_count()
 
     async def verify(self, team_id: str, password: str) -> bool:
-        row = self.db.execute(
-            "SELECT p.password_hash FROM team_app_passwords p JOIN teams t ON t.id = p.team_id "
-            "WHERE p.team_id=?", (team_id,)).fetchone() if valid_team_id(team_id) else None
-        return await verify_password(row[0] if row else None, password)
+        stored = self.store.app_password_hash(team_id) if valid_team_id(team_id) else None
+        return await verify_password(stored, password)
 
     def create_session(self, team_id: str) -> tuple[str, TeamSession]:
         now = time.time()
         token = secrets.token_urlsafe(32)
         session = TeamSession(team_id, secrets.token_urlsafe(32), now + self.session_ttl_s)
-        with self.db.atomic():
-            self.db.execute("DELETE FROM team_sessions WHERE expires_at < ?", (now,))
-            self.db.execute(
-                "INSERT INTO team_sessions (token_hash, team_id, csrf, created_at, expires_at) "
-                "VALUES (?,?,?,?,?)",
-                (token_digest(token), team_id, session.csrf, now, session.expires_at))
+        self.store.add_session(token_digest(token), team_id, session.csrf, now, session.expires_at)
         return token, session
 
     def session(self, token: str) -> TeamSession | None:
         if not token or len(token) > 128 or not token.isascii():
             return None
-        row = self.db.execute(
-            "SELECT s.team_id, s.csrf, s.expires_at FROM team_sessions s "
-            "JOIN team_app_passwords p ON p.team_id = s.team_id "
-            "JOIN teams t ON t.id = s.team_id "
-            "WHERE s.token_hash=? AND s.created_at >= p.updated_at", (token_digest(token),),
-        ).fetchone()
-        if row is None or row[2] < time.time():
+        row = self.store.session(token_digest(token))
+        if row is None or row["expires_at"] < time.time():
             return None
-        return TeamSession(row[0], row[1], row[2])
+        return TeamSession(row["team_id"], row["csrf"], row["expires_at"])
 
     def end_session(self, token: str) -> None:
-        with self.db.atomic():
-            self.db.execute("DELETE FROM team_sessions WHERE token_hash=?", (token_digest(token),))
+        self.store.end_session(token_digest(token))
 
 
 # ---------------------------------------------------------------------------- live channel
@@ -216,11 +183,9 @@ class WebNotifier:
 
 
 class PatrolApp:
-    def __init__(self, server: CentralServer) -> None:
+    def __init__(self, server: ServerHost) -> None:
         self.server = server
-        db = getattr(server.storage, "db", None)
-        assert db is not None, "the patrol app needs the SQLite storage"
-        self.logins = TeamLogins(db, server.config.patrol_app.session_ttl_s)
+        self.logins = TeamLogins(server.storage.teams, server.config.patrol_app.session_ttl_s)
         self.limiter = login_limiter(server)
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.notifier = WebNotifier(self)
@@ -258,9 +223,7 @@ class PatrolApp:
         return info
 
     def _incident_state(self, incident_id: str) -> str:
-        db = self.logins.db
-        row = db.execute("SELECT state FROM incidents WHERE id=?", (incident_id,)).fetchone()
-        return str(row[0]) if row else "unknown"
+        return self.server.storage.incidents.state(incident_id) or "unknown"
 
     def _nav(self, page: Page) -> dict[str, str]:
         if page.lat is None or page.lon is None:
@@ -474,8 +437,8 @@ async def answer(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(
             reason=f"resolving needs a classification, one of: {', '.join(CLASSIFICATIONS)}")
     detail = str_field(body, "detail", 200, required=False)
-    row = app.logins.db.execute("SELECT incident_id FROM pages WHERE id=?", (page_id,)).fetchone()
-    incident_id = body.get("incident", row[0] if row else "")
+    row = app.server.storage.dispatch.page(page_id)
+    incident_id = body.get("incident", row["incident_id"] if row else "")
     if not isinstance(incident_id, str) or not incident_id:
         app.server.metrics.inc("patrol_web_refused_total", reason="unknown_page")
         return web.json_response({"error": f"unknown_page: no page {page_id[:40]!r}",
@@ -571,7 +534,7 @@ async def _close_sockets(app: web.Application) -> None:
                 await asyncio.wait_for(ws.close(code=1001, message=b"server stopping"), 2)
 
 
-def setup_patrol_app(app: web.Application, server: CentralServer) -> PatrolApp:
+def setup_patrol_app(app: web.Application, server: ServerHost) -> PatrolApp:
     """Mount the patrol app on the server's app (its middleware calls :func:`patrol_guard`) and
     add its paging channel to the dispatcher."""
     state_ = PatrolApp(server)

@@ -1,6 +1,6 @@
 """People on the console: accounts, password hashing, sessions, CSRF, roles, login rate limit.
 
-Machines use the API token (``Authorization: Bearer``, :mod:`server.api`); people use sessions.
+Machines use the API token (``Authorization: Bearer``, :mod:`server.web.api`); people use sessions.
 
 * Passwords are hashed with argon2id (argon2-cffi defaults, RFC 9106 low-memory profile). Hashing
   and verifying take ~0.1 s of CPU and run in a worker thread, never on the alarm path's loop.
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import argon2
-import sqlite_utils
 from aiohttp import web
 
-from server.webutil import same_secret
+from server.storage import AccountStore
+from server.web.host import ServerHost
+from server.web.http import same_secret
 
 if TYPE_CHECKING:
-    from server.app import CentralServer
     from server.metrics import Metrics
 
 log = logging.getLogger("alarmpost.console.auth")
@@ -65,35 +65,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD: Final = 8
 MAX_PASSWORD: Final = 1024
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS console_users (
-    name TEXT PRIMARY KEY,
-    role TEXT NOT NULL,
-    password_hash TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    disabled INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS console_sessions (
-    token_hash TEXT PRIMARY KEY,
-    user TEXT NOT NULL REFERENCES console_users(name),
-    csrf TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS console_audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL DEFAULT '',
-    detail TEXT NOT NULL DEFAULT '',
-    remote TEXT NOT NULL DEFAULT ''
-);
-CREATE TRIGGER IF NOT EXISTS console_audit_no_update BEFORE UPDATE ON console_audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS console_audit_no_delete BEFORE DELETE ON console_audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
 
 
 T = TypeVar("T")
@@ -149,7 +120,7 @@ def _check_slots() -> asyncio.Semaphore:
 
 def hash_password(password: str) -> str:
     """argon2id hash of an acceptable password (blocking, ~0.1 s); raise :class:`UserError`.
-    Console accounts and patrol teams' app logins (``server.patrol_web``) both use it."""
+    Console accounts and patrol teams' app logins (``server.web.patrol``) both use it."""
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
         raise UserError(f"the password must have {MIN_PASSWORD} to {MAX_PASSWORD} characters")
     return str(_HASHER.hash(password))
@@ -174,13 +145,12 @@ async def verify_password(stored: str | None, password: str) -> bool:
 
 
 class Accounts:
-    """Users, sessions and the console audit log in the server's SQLite database."""
+    """Console users, their sessions and the console audit log (:class:`AccountStore`)."""
 
-    def __init__(self, db: sqlite_utils.Database, session_ttl_s: float = 12 * 3600) -> None:
-        self.db = db
+    def __init__(self, store: AccountStore, session_ttl_s: float = 12 * 3600) -> None:
+        self.store = store
         self.session_ttl_s = session_ttl_s
         self.hasher = _HASHER
-        db.executescript(_SCHEMA)
 
     # ------------------------------------------------------------------ users
     def hash_password(self, password: str) -> str:
@@ -198,43 +168,33 @@ class Accounts:
             )
         if role not in ROLES:
             raise UserError(f"unknown role {role!r}; one of: {', '.join(ROLES)}")
-        if self.db.execute("SELECT 1 FROM console_users WHERE name=?", (name,)).fetchone():
+        if not self.store.add_user(name, role, password_hash):
             raise UserError(f"user {name!r} already exists")
-        with self.db.atomic():
-            self.db.execute(
-                "INSERT INTO console_users (name, role, password_hash, created_at) VALUES (?,?,?,?)",
-                (name, role, password_hash, time.time()),
-            )
         self.audit(actor, "user_added", name, f"role {role}")
         return User(name, role)
 
     def user(self, name: str) -> User | None:
-        row = self.db.execute(
-            "SELECT name, role FROM console_users WHERE name=? AND disabled=0", (name,)
-        ).fetchone()
-        return User(row[0], row[1]) if row else None
+        row = self.store.user(name)
+        return User(row["name"], row["role"]) if row and not row["disabled"] else None
+
+    def exists(self, name: str) -> bool:
+        return self.store.user(name) is not None
 
     def users(self) -> list[dict[str, Any]]:
-        return list(self.db.query(
-            "SELECT name, role, created_at, disabled FROM console_users ORDER BY name"
-        ))
+        return self.store.users()
 
     def count(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM console_users").fetchone()[0])
+        return self.store.count()
 
     def _account(self, name: str) -> tuple[str, bool]:
-        row = self.db.execute("SELECT role, disabled FROM console_users WHERE name=?",
-                              (name,)).fetchone()
+        row = self.store.user(name)
         if row is None:
             raise LookupError(f"no user {name!r}")
-        return row[0], bool(row[1])
+        return row["role"], bool(row["disabled"])
 
     def _keeps_an_admin(self, name: str) -> None:
         """Refuse a change that would leave no enabled admin (nobody could manage accounts)."""
-        others = self.db.execute(
-            "SELECT count(*) FROM console_users WHERE role='admin' AND disabled=0 AND name!=?",
-            (name,)).fetchone()[0]
-        if not others:
+        if not self.store.enabled_admins_besides(name):
             raise UserError(f"{name} is the last enabled admin: make another admin first")
 
     def set_role(self, name: str, role: str, actor: str, remote: str = "") -> None:
@@ -246,8 +206,7 @@ class Accounts:
             return
         if old == "admin" and not disabled:
             self._keeps_an_admin(name)
-        with self.db.atomic():
-            self.db.execute("UPDATE console_users SET role=? WHERE name=?", (role, name))
+        self.store.set_role(name, role)
         self.audit(actor, "user_role", name, f"{old} -> {role}", remote)
 
     def set_disabled(self, name: str, disabled: bool, actor: str, remote: str = "") -> None:
@@ -257,21 +216,14 @@ class Accounts:
             return
         if disabled and role == "admin":
             self._keeps_an_admin(name)
-        with self.db.atomic():
-            self.db.execute("UPDATE console_users SET disabled=? WHERE name=?",
-                            (int(disabled), name))
-            if disabled:
-                self.db.execute("DELETE FROM console_sessions WHERE user=?", (name,))
+        self.store.set_disabled(name, disabled)
         self.audit(actor, "user_disabled" if disabled else "user_enabled", name, "", remote)
 
     def set_password_hashed(self, name: str, password_hash: str, actor: str,
                             remote: str = "") -> None:
         """Reset a password (hash it with :func:`hash_password`); ends the user's sessions."""
         self._account(name)
-        with self.db.atomic():
-            self.db.execute("UPDATE console_users SET password_hash=? WHERE name=?",
-                            (password_hash, name))
-            self.db.execute("DELETE FROM console_sessions WHERE user=?", (name,))
+        self.store.set_password_hash(name, password_hash)
         self.audit(actor, "user_password_reset", name, "", remote)
 
     # ------------------------------------------------------------------ sessions
@@ -279,58 +231,38 @@ class Accounts:
         now = time.time() if now is None else now
         token = secrets.token_urlsafe(32)
         session = Session(user, secrets.token_urlsafe(32), now + self.session_ttl_s)
-        with self.db.atomic():
-            self.db.execute("DELETE FROM console_sessions WHERE expires_at < ?", (now,))
-            self.db.execute(
-                "INSERT INTO console_sessions (token_hash, user, csrf, created_at, expires_at) "
-                "VALUES (?,?,?,?,?)",
-                (_digest(token), user.name, session.csrf, now, session.expires_at),
-            )
+        self.store.add_session(_digest(token), user.name, session.csrf, now, session.expires_at)
         return token, session
 
     def session(self, token: str, now: float | None = None) -> Session | None:
         if not token or len(token) > 128 or not token.isascii():
             return None
         now = time.time() if now is None else now
-        row = self.db.execute(
-            "SELECT u.name, u.role, s.csrf, s.expires_at FROM console_sessions s "
-            "JOIN console_users u ON u.name = s.user WHERE s.token_hash=? AND u.disabled=0",
-            (_digest(token),),
-        ).fetchone()
-        if row is None or row[3] < now:
+        row = self.store.session(_digest(token))
+        if row is None or row["expires_at"] < now:
             return None
-        return Session(User(row[0], row[1]), row[2], row[3])
+        return Session(User(row["name"], row["role"]), row["csrf"], row["expires_at"])
 
     def end_session(self, token: str) -> None:
-        with self.db.atomic():
-            self.db.execute("DELETE FROM console_sessions WHERE token_hash=?", (_digest(token),))
+        self.store.end_session(_digest(token))
 
     # ------------------------------------------------------------------ audit
     def audit(self, actor: str, action: str, target: str = "", detail: str = "",
               remote: str = "") -> None:
-        with self.db.atomic():
-            self.db.execute(
-                "INSERT INTO console_audit (at, actor, action, target, detail, remote) "
-                "VALUES (?,?,?,?,?,?)",
-                (time.time(), actor, action, target[:200], detail[:500], remote[:100]),
-            )
+        self.store.audit(actor, action, target, detail, remote)
 
     def audit_log(self, limit: int) -> list[dict[str, Any]]:
-        return list(self.db.query(
-            "SELECT at, actor, action, target, detail, remote FROM console_audit "
-            "ORDER BY id DESC LIMIT ?", (limit,),
-        ))
+        return self.store.audit_log(limit)
 
     async def verify_async(self, name: str, password: str) -> User | None:
         """The user if the password is right; the hash check runs in a worker thread. An
         unknown name costs the same as a wrong password (no user enumeration by timing)."""
-        # sqlite3 connections refuse other threads: read the hash here, verify in a thread.
-        row = self.db.execute(
-            "SELECT name, role, password_hash FROM console_users WHERE name=? AND disabled=0",
-            (name,),
-        ).fetchone() if _NAME_RE.fullmatch(name) else None
-        ok = await verify_password(row[2] if row else None, password)
-        return User(row[0], row[1]) if (ok and row) else None
+        # The database is read here (its connection stays on this thread), verified in a thread.
+        row = self.store.user(name) if _NAME_RE.fullmatch(name) else None
+        if row is not None and row["disabled"]:
+            row = None
+        ok = await verify_password(row["password_hash"] if row else None, password)
+        return User(row["name"], row["role"]) if (ok and row) else None
 
 
 @dataclass
@@ -496,7 +428,7 @@ class LoginResult(Generic[T]):
     delay: float
 
 
-def login_limiter(server: CentralServer) -> LoginLimiter:
+def login_limiter(server: ServerHost) -> LoginLimiter:
     """The login limit of one app (console, patrol app) from the [console] settings."""
     cfg = server.config.console
     return LoginLimiter(cfg.login_attempts, cfg.login_window_s, cfg.login_delay_s,
