@@ -60,7 +60,14 @@ from protocol.topics import (
     valid_post_id,
 )
 from protocol.transport import SOCKET_OPTIONS
-from server.bus import Bus
+from server.bus import (
+    Bus,
+    EventJoined,
+    IncidentOpened,
+    IncidentUpdated,
+    PostState,
+    PostTestMode,
+)
 from server.calls import CallRelay
 from server.commands import CommandTracker
 from server.config import ServerConfig
@@ -474,9 +481,9 @@ class CentralServer:
             self.metrics.inc("incidents_opened_total")
             log.info("incident %s opened by post %s (event %s)",
                      res.incident_id, event.post, event.id)
-        self.bus.publish("incident_opened" if res.new_incident else "event_joined",
-                         incident_id=res.incident_id, post_id=event.post,
-                         event_id=event.id, pressed_at=event.ts, test=res.test)
+        kind = IncidentOpened if res.new_incident else EventJoined
+        self.bus.publish(kind(incident_id=res.incident_id, post_id=event.post, event_id=event.id,
+                              pressed_at=event.ts, test=res.test))
 
     async def _send_acks(self, client: aiomqtt.Client, batch: list[tuple[Event, float]],
                          results: list[Committed]) -> None:
@@ -506,8 +513,8 @@ class CentralServer:
         """
         incident = self.storage.incidents.transition(incident_id, to, actor, reason=reason,
                                            classification=classification)
-        self.bus.publish("incident_updated", incident_id=incident_id, state=incident["state"],
-                         action=to, actor=actor)
+        self.bus.publish(IncidentUpdated(incident_id=incident_id, state=str(incident["state"]),
+                                         action=to, actor=actor))
         log.info("incident %s: %s by %s -> %s", incident_id, to, actor, incident["state"])
         return incident
 
@@ -521,8 +528,7 @@ class CentralServer:
         row = self.storage.posts.set_test_mode(post_id, on, actor, reason)
         log.warning("post %s %s test mode by %s: %s", post_id, "in" if on else "out of",
                     actor, reason or "-")
-        self.bus.publish("post_test_mode", post_id=post_id, test_mode=on, actor=actor,
-                         reason=reason)
+        self.bus.publish(PostTestMode(post_id=post_id, test_mode=on, actor=actor, reason=reason))
         if not on:
             for incident in self.storage.incidents.recent("open", 1000):
                 if incident["post_id"] == post_id and incident["classification"] == "test":
@@ -585,7 +591,7 @@ class CentralServer:
             was = live.state
             live.state = "online"
             self.storage.posts.set_state(post_id, "online", now, "")
-            self.bus.publish("post_state", post_id=post_id, state="online", reason="")
+            self.bus.publish(PostState(post_id=post_id, state="online"))
             log.info("post %s online (was %s)", post_id, was)
         self._arm_deadline(post_id, live, now)
 
@@ -612,7 +618,7 @@ class CentralServer:
             live.deadline = None
         live.state = "offline"
         self.storage.posts.set_state(post_id, "offline", now, reason)
-        self.bus.publish("post_state", post_id=post_id, state="offline", reason=reason)
+        self.bus.publish(PostState(post_id=post_id, state="offline", reason=reason))
         self.metrics.inc("post_offline_total", reason=reason)
         log.warning("post %s offline: %s", post_id, reason)
 
@@ -640,8 +646,8 @@ class CentralServer:
         while True:
             await asyncio.sleep(min(idle / 4, 5.0))
             for incident_id in self.storage.incidents.resolve_idle(idle, time.time()):
-                self.bus.publish("incident_updated", incident_id=incident_id, state="resolved",
-                                 action="resolved", actor="system")
+                self.bus.publish(IncidentUpdated(incident_id=incident_id, state="resolved",
+                                                 action="resolved", actor="system"))
                 log.info("incident %s resolved automatically after %.0f s idle", incident_id, idle)
 
 

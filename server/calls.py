@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 from protocol.messages import MAX_CALL_PAYLOAD_BYTES, CallSignal, encode
 from protocol.topics import post_topic
 from protocol.ulid import new_ulid
-from server.bus import Bus
+from server.bus import Bus, CallUpdated
 
 log = logging.getLogger("alarmpost.server.calls")
 
@@ -111,7 +111,7 @@ class CallRelay:
         self.calls[call.id] = call
         if mode == "call":
             self.by_post[post_id] = call.id
-        self.bus.publish("call_updated", **call.public())
+        self.bus.publish(CallUpdated(**call.public()))
         self._note(call, user, f"{mode}_offered", f"{mode} {call.id}")
         # An offer the post cannot take in time must not reach it later (persistent session).
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -136,7 +136,7 @@ class CallRelay:
             raise CallError("ended", "the call ended before it was answered")
         call.state = "active"
         self._count("answered")
-        self.bus.publish("call_updated", **call.public())
+        self.bus.publish(CallUpdated(**call.public()))
         self._note(call, user, f"{call.mode}_answered", f"{call.mode} {call.id}")
         return call.id, answer
 
@@ -202,7 +202,7 @@ class CallRelay:
         log.info("call %s with post %s (%s) ended by %s: %s", call.id, call.post_id, call.user,
                  by, reason)
         self._note(call, by, f"{call.mode}_ended", reason)
-        self.bus.publish("call_updated", **call.public(), reason=reason)
+        self.bus.publish(CallUpdated(**call.public(), reason=reason))
         if call.on_end is not None:
             call.on_end(call.id, reason)
 

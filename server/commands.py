@@ -20,7 +20,7 @@ import aiomqtt
 from protocol.messages import Command, CommandResult, encode
 from protocol.topics import post_topic
 from protocol.ulid import new_ulid
-from server.bus import Bus
+from server.bus import Bus, CommandUpdated
 from server.storage import CommandStore
 
 log = logging.getLogger("alarmpost.server.commands")
@@ -64,7 +64,7 @@ class CommandTracker:
         log.info("command %s %s to post %s by %s", command.id, cmd, post_id, actor)
         record = self.get(command.id)
         assert record is not None
-        self.bus.publish("command_updated", command=record)
+        self.bus.publish(CommandUpdated(command=record))
         return record
 
     def on_result(self, result: CommandResult) -> None:
@@ -97,7 +97,7 @@ class CommandTracker:
         if record["incident_id"] and self._audit is not None:
             self._audit(record["incident_id"], f"post:{record['post_id']}",
                         f"command_{record['cmd']}_{state}", detail)
-        self.bus.publish("command_updated", command=record)
+        self.bus.publish(CommandUpdated(command=record))
         return record
 
     def get(self, command_id: str) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from server.bus import Notice
 from tests.helpers import MakeDeployment, api, run_posts, run_server, until
 from tests.patrol_helpers import TeamSpec, add_teams, run_teams
 
@@ -25,7 +26,7 @@ async def test_nearest_team_is_paged_and_works_the_incident(make_deployment: Mak
         await until(lambda: server.dispatcher.jobs[page.incident].state == "assigned", 5, "assigned")
         await teams["B"].answer(page, "en_route")
         await teams["B"].answer(page, "on_scene")
-        await until(lambda: server.storage.incident(page.incident)["state"] == "on_scene", 5,
+        await until(lambda: server.storage.incidents.get(page.incident)["state"] == "on_scene", 5,
                     "on scene")
         view = await api(dep, "/api/teams/B")
         assert view["state"] == "assigned" and view["incident_id"] == page.incident
@@ -60,7 +61,7 @@ async def test_timeout_and_decline_escalate_to_the_next_team(make_deployment: Ma
         await until(lambda: server.dispatcher.jobs[first.incident].team_id == "C", 5, "C assigned")
         assert teams["D"].pages == {}
         summary = server.dispatcher.incident_summary(first.incident)
-        timeline = server.storage.audit(first.incident)
+        timeline = server.storage.incidents.audit(first.incident)
     assert summary is not None
     assert [(p["team_id"], p["kind"], p["state"]) for p in summary["pages"]] == [
         ("A", "direct", "timeout"), ("B", "direct", "declined"), ("C", "direct", "accepted")]
@@ -96,7 +97,7 @@ async def test_broadcast_first_acceptance_wins_exactly_once(make_deployment: Mak
                 await teams[t].wait_for(lambda tm, p=p: p.id in tm.withdrawn, 3, "withdrawn")
                 assert teams[t].withdrawn[p.id] == "taken"
         assert teams["E"].pages == {}
-        timeline = server.storage.audit(direct.incident)
+        timeline = server.storage.incidents.audit(direct.incident)
         assert set(server.dispatcher.committed) == {winner}
         rows = server.dispatcher.incident_summary(direct.incident)
     assert [a["action"] for a in timeline].count("accepted") == 1
@@ -154,9 +155,9 @@ async def test_two_alarms_get_two_teams_and_one_team_queues_the_second(
         assert second.incident == queued["incident_id"]
 
 
-async def _next(queue: asyncio.Queue[dict[str, object]], kind: str) -> dict[str, object]:
+async def _next(queue: asyncio.Queue[Notice], kind: str) -> dict[str, object]:
     while True:
-        notice = await queue.get()
+        notice = (await queue.get()).as_dict()
         if notice["type"] == kind:
             return notice
 
@@ -223,7 +224,7 @@ async def test_operator_overrides(make_deployment: MakeDeployment) -> None:
             assert "not being dispatched" in str(exc)
         else:
             raise AssertionError("a closed incident cannot be re-dispatched")
-        actions = [(a["actor"], a["action"]) for a in server.storage.audit(incident)]
+        actions = [(a["actor"], a["action"]) for a in server.storage.incidents.audit(incident)]
     assert ("op:alice", "paged") in actions and ("op:alice", "page_cancelled") in actions
     assert ("op:bob", "redispatch") in actions
 

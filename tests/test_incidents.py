@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 
 import pytest
@@ -12,9 +11,11 @@ from protocol.messages import Event
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
+from server.bus import IncidentOpened, IncidentUpdated
 from server.incidents import CLASSIFICATIONS, InvalidTransition, next_state
-from server.storage import PostInfo, SqliteStorage
+from server.storage import IntegrityError, PostInfo
 from tests.helpers import api, run_posts, run_server, until
+from tests.storage_helpers import sqlite_storage
 
 
 def test_transition_rules() -> None:
@@ -35,15 +36,15 @@ def test_transition_rules() -> None:
 
 
 def test_storage_transitions_are_audited_and_the_audit_is_append_only(tmp_path) -> None:
-    store = SqliteStorage(str(tmp_path / "s.db"))
-    store.upsert_posts([PostInfo(id="P001")])
-    (res,) = store.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=time.time()),
+    store = sqlite_storage(str(tmp_path / "s.db"))
+    store.posts.upsert([PostInfo(id="P001")])
+    (res,) = store.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=time.time()),
                                    time.time())])
-    store.transition(res.incident_id, "acknowledged", "op:alice")
-    store.transition(res.incident_id, "paged", "dispatcher", reason="team T1")
+    store.incidents.transition(res.incident_id, "acknowledged", "op:alice")
+    store.incidents.transition(res.incident_id, "paged", "dispatcher", reason="team T1")
     with pytest.raises(InvalidTransition):
-        store.transition(res.incident_id, "resolved", "op:alice")
-    incident = store.transition(res.incident_id, "resolved", "op:alice",
+        store.incidents.transition(res.incident_id, "resolved", "op:alice")
+    incident = store.incidents.transition(res.incident_id, "resolved", "op:alice",
                                 classification="help_request", reason="crowd at the gate")
     assert incident["state"] == "resolved" and incident["classification"] == "help_request"
     assert incident["acknowledged_by"] == "op:alice"
@@ -53,15 +54,15 @@ def test_storage_transitions_are_audited_and_the_audit_is_append_only(tmp_path) 
         ("dispatcher", "paged", "paged"),
         ("op:alice", "resolved", "resolved"),
     ]
-    assert store.open_incident_count() == 0
+    assert store.incidents.open_count() == 0
     with pytest.raises(LookupError):
-        store.transition("nope", "acknowledged", "op:alice")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.incidents.transition("nope", "acknowledged", "op:alice")
+    with pytest.raises(IntegrityError, match="append-only"):
         store.db.execute("DELETE FROM audit")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(IntegrityError, match="append-only"):
         store.db.execute("UPDATE audit SET actor='mallory'")
     # A new press after resolution opens a new incident.
-    (res2,) = store.commit_events([(Event(id=new_ulid(), post="P001", seq=2, ts=time.time()),
+    (res2,) = store.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=2, ts=time.time()),
                                     time.time())])
     assert res2.new_incident and res2.incident_id != res.incident_id
     store.close()
@@ -74,20 +75,22 @@ async def test_bus_tells_subscribers_and_api_shows_the_timeline(
     async with run_posts(deployment, "P001") as posts:
         await posts["P001"].press()
         opened = await asyncio.wait_for(notices.get(), 5)
-        while opened["type"] != "incident_opened":
+        while not isinstance(opened, IncidentOpened):
             opened = await asyncio.wait_for(notices.get(), 5)
-        assert opened["post_id"] == "P001"
-        server.transition(opened["incident_id"], "acknowledged", "op:bob")
+        assert opened.post_id == "P001"
+        server.transition(opened.incident_id, "acknowledged", "op:bob")
         updated = await asyncio.wait_for(notices.get(), 5)
-        while updated["type"] != "incident_updated":  # e.g. dispatch_queued: no teams here
+        while not isinstance(updated, IncidentUpdated):  # e.g. dispatch_queued: no teams here
             updated = await asyncio.wait_for(notices.get(), 5)
-        assert updated == {"type": "incident_updated", "incident_id": opened["incident_id"],
-                           "state": "acknowledged", "action": "acknowledged", "actor": "op:bob"}
-    body = await api(deployment, f"/api/incidents/{opened['incident_id']}")
+        # What a console receives of it.
+        assert updated.as_dict() == {"type": "incident_updated", "incident_id": opened.incident_id,
+                                     "state": "acknowledged", "action": "acknowledged",
+                                     "actor": "op:bob"}
+    body = await api(deployment, f"/api/incidents/{opened.incident_id}")
     actions = [a["action"] for a in body["timeline"]]
     assert actions[0] == "opened" and actions[-1] == "acknowledged"
     assert "dispatch_queued" in actions  # no patrol team in this deployment, and it says so
-    assert (await api(deployment, "/api/incidents?state=open"))[0]["id"] == opened["incident_id"]
+    assert (await api(deployment, "/api/incidents?state=open"))[0]["id"] == opened.incident_id
     assert await api(deployment, "/api/incidents?state=closed") == []
     server.bus.unsubscribe(notices)
 
@@ -96,9 +99,9 @@ async def test_auto_resolve_closes_idle_incidents(make_deployment) -> None:
     dep = make_deployment(1, auto_resolve_s=0.4)
     async with run_server(dep) as server, run_posts(dep, "P001") as posts:
         await posts["P001"].press()
-        await until(lambda: server.storage.open_incident_count() == 1, 5, "incident opened")
-        await until(lambda: server.storage.open_incident_count() == 0, 5, "incident resolved")
-        (incident,) = server.storage.incidents("closed", 10)
+        await until(lambda: server.storage.incidents.open_count() == 1, 5, "incident opened")
+        await until(lambda: server.storage.incidents.open_count() == 0, 5, "incident resolved")
+        (incident,) = server.storage.incidents.recent("closed", 10)
         assert incident["classification"] == "test"
 
 
@@ -106,14 +109,14 @@ def test_the_audit_records_who_when_and_why(tmp_path) -> None:
     """Each timeline entry says who did it, when (the time given, else now), from which state
     and why; a resolution says its classification before the note. Idle incidents are resolved
     as `test` by `system`, at the time the sweep ran, and say why."""
-    store = SqliteStorage(str(tmp_path / "s.db"))
-    store.upsert_posts([PostInfo(id="P001"), PostInfo(id="P002")])
+    store = sqlite_storage(str(tmp_path / "s.db"))
+    store.posts.upsert([PostInfo(id="P001"), PostInfo(id="P002")])
     now = time.time()
-    (a,) = store.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
-    (b,) = store.commit_events([(Event(id=new_ulid(), post="P002", seq=1, ts=now), now)])
-    store.transition(a.incident_id, "acknowledged", "op:alice", at=now + 5)
-    store.transition(a.incident_id, "acknowledged", "op:bob", at=now + 6)  # the first one stays
-    resolved = store.transition(a.incident_id, "resolved", "op:alice", at=now + 9,
+    (a,) = store.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
+    (b,) = store.incidents.commit_events([(Event(id=new_ulid(), post="P002", seq=1, ts=now), now)])
+    store.incidents.transition(a.incident_id, "acknowledged", "op:alice", at=now + 5)
+    store.incidents.transition(a.incident_id, "acknowledged", "op:bob", at=now + 6)  # the first one stays
+    resolved = store.incidents.transition(a.incident_id, "resolved", "op:alice", at=now + 9,
                                 classification="help_request", reason="crowd at the gate")
     assert resolved["acknowledged_by"] == "op:alice" and resolved["acknowledged_at"] == now + 5
     assert resolved["closed_at"] == now + 9 and resolved["note"] == "crowd at the gate"
@@ -122,14 +125,14 @@ def test_the_audit_records_who_when_and_why(tmp_path) -> None:
         now + 9, "acknowledged", "resolved", "help_request: crowd at the gate")
     assert resolved["timeline"][1]["detail"] == ""
     with pytest.raises(LookupError, match="no incident 'nope'"):
-        store.transition("nope", "acknowledged", "op:alice")
+        store.incidents.transition("nope", "acknowledged", "op:alice")
 
-    assert store.resolve_idle_incidents(30.0, now + 10) == []  # idle only 10 s
-    assert store.resolve_idle_incidents(30.0, now + 31) == [b.incident_id]
-    swept = store.incident(b.incident_id)
+    assert store.incidents.resolve_idle(30.0, now + 10) == []  # idle only 10 s
+    assert store.incidents.resolve_idle(30.0, now + 31) == [b.incident_id]
+    swept = store.incidents.get(b.incident_id)
     assert swept is not None and swept["classification"] == "test"
     assert swept["closed_at"] == now + 31
     last = swept["timeline"][-1]
     assert (last["actor"], last["action"], last["at"], last["detail"]) == (
         "system", "resolved", now + 31, "test: resolved automatically after 30 s idle")
-    assert store.open_incident_count() == 0
+    assert store.incidents.open_count() == 0

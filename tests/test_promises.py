@@ -33,7 +33,7 @@ from protocol.messages import (
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
-from server.console.auth import Accounts
+from server.web.auth import Accounts
 from tests.helpers import (
     MakeDeployment,
     ServerProcess,
@@ -378,7 +378,7 @@ async def test_a_post_that_goes_silent_is_offline_within_two_and_a_half_interval
         assert server.metrics.value("post_offline_total", reason="heartbeat missed") == 1
         seen = []
         while not notices.empty():
-            seen.append(notices.get_nowait())
+            seen.append(notices.get_nowait().as_dict())
         assert {"type": "post_state", "post_id": "P001", "state": "offline",
                 "reason": "heartbeat missed"} in seen
         await client.publish("alarmpost/v1/post/P001/heartbeat", _heartbeat("P001", 0.2), qos=1)

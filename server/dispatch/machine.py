@@ -13,7 +13,7 @@ from protocol.messages import (
     PageWithdrawn,
 )
 from protocol.ulid import new_ulid
-from server.bus import Bus
+from server.bus import Bus, DispatchQueued, IncidentOpened, IncidentUpdated, Notice, Overflow
 from server.config import DispatchSection
 from server.dispatch.notifiers import MqttNotifier, Notifier, NotifierUnavailable
 from server.dispatch.selection import Choice, TeamIndex
@@ -159,7 +159,7 @@ class DispatchMachine(DispatcherBase):
                 try:
                     self._on_notice(notice)
                 except Exception:
-                    log.exception("dispatcher failed on %s", notice.get("type"))
+                    log.exception("dispatcher failed on %s", type(notice).__name__)
         finally:
             tick.cancel()
             await asyncio.gather(tick, return_exceptions=True)
@@ -198,13 +198,12 @@ class DispatchMachine(DispatcherBase):
             except Exception:
                 log.exception("dispatcher tick failed")
 
-    def _on_notice(self, notice: dict[str, Any]) -> None:
-        kind = notice.get("type")
-        if kind == "incident_opened":
-            self.incident_opened(notice["incident_id"], notice["post_id"], notice.get("pressed_at"))
-        elif kind == "incident_updated" and notice.get("state") in CLOSED:
-            self._closed(notice["incident_id"], notice["state"])
-        elif kind == "overflow":
+    def _on_notice(self, notice: Notice) -> None:
+        if isinstance(notice, IncidentOpened):
+            self.incident_opened(notice.incident_id, notice.post_id, notice.pressed_at)
+        elif isinstance(notice, IncidentUpdated) and notice.state in CLOSED:
+            self._closed(notice.incident_id, notice.state)
+        elif isinstance(notice, Overflow):
             self._reconcile()
 
     def _reconcile(self) -> None:
@@ -297,8 +296,8 @@ class DispatchMachine(DispatcherBase):
             self.store.queue(job.incident_id, reason, now)
             self._note(job.incident_id, "dispatch_queued", reason, now)
         self.metrics.inc("dispatch_queued_total")
-        self.bus.publish("dispatch_queued", incident_id=job.incident_id,
-                                post_id=job.post_id, reason=reason)
+        self.bus.publish(DispatchQueued(incident_id=job.incident_id, post_id=job.post_id,
+                                        reason=reason))
         log.warning("incident %s queued: %s", job.incident_id, reason)
 
     def _note(self, incident_id: str, action: str, detail: str, at: float,

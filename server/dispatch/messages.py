@@ -14,6 +14,7 @@ from protocol.messages import (
     decode_from_team,
 )
 from protocol.topics import TEAM_KINDS
+from server.bus import TeamStatusChanged
 from server.dispatch.state import DispatcherBase, Job, PageRow
 from server.incidents import CLASSIFICATIONS, InvalidTransition
 
@@ -80,7 +81,7 @@ class TeamMessages(DispatcherBase):
         live.status, live.status_at = message.state, message.ts
         self.team_store.set_status(team_id, message.state, message.ts)
         self.index.device_ok[self.index.pos[team_id]] = message.state == "available"
-        self.bus.publish("team_status", team_id=team_id, status=message.state)
+        self.bus.publish(TeamStatusChanged(team_id=team_id, status=message.state))
         log.info("team %s: %s%s", team_id, message.state,
                  f" ({message.reason})" if message.reason else "")
         if message.state == "available" and team_id not in self.committed:

@@ -45,6 +45,19 @@ from urllib.parse import urlsplit
 from aiohttp import WSMsgType, web
 
 from protocol.topics import valid_post_id
+from server.bus import (
+    CallUpdated,
+    CommandUpdated,
+    DispatchQueued,
+    EventJoined,
+    IncidentOpened,
+    IncidentUpdated,
+    Notice,
+    Overflow,
+    PostState,
+    PostTestMode,
+    TeamStatusChanged,
+)
 from server.calls import CallError
 from server.incidents import CLASSIFICATIONS, STATES, InvalidTransition
 from server.live import with_live
@@ -550,16 +563,15 @@ async def audit(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------------- WebSocket
-def _visible(notice: dict[str, Any], session: Session) -> bool:
-    kind = notice.get("type", "")
-    if kind in ("incident_opened", "incident_updated", "event_joined", "dispatch_queued",
-                "team_status"):
+def _visible(notice: Notice, session: Session) -> bool:
+    if isinstance(notice, IncidentOpened | IncidentUpdated | EventJoined | DispatchQueued
+                  | TeamStatusChanged):
         return session.user.may("incidents.view")
-    if kind in ("post_state", "command_updated", "post_test_mode"):
+    if isinstance(notice, PostState | CommandUpdated | PostTestMode):
         return session.user.may("posts.view")
-    if kind == "call_updated":
+    if isinstance(notice, CallUpdated):
         return session.user.may("incidents.view") or session.user.may("calls")
-    return bool(kind == "overflow")
+    return isinstance(notice, Overflow)
 
 
 class ConsoleSocket:
@@ -579,12 +591,13 @@ class ConsoleSocket:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.ws.send_json(message)
 
-    def _enrich(self, notice: dict[str, Any]) -> dict[str, Any]:
-        if "incident_id" in notice and notice["type"] != "call_updated":
-            notice = {**notice, "incident": incident_summary(self.server, notice["incident_id"])}
-        return notice
+    def _enrich(self, notice: Notice) -> dict[str, Any]:
+        message = notice.as_dict()
+        if "incident_id" in message and not isinstance(notice, CallUpdated):
+            message["incident"] = incident_summary(self.server, message["incident_id"])
+        return message
 
-    async def pump(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    async def pump(self, queue: asyncio.Queue[Notice]) -> None:
         while True:
             notice = await queue.get()
             try:
@@ -593,7 +606,7 @@ class ConsoleSocket:
             except Exception:  # one notice that fails must not stop the live queue
                 self.server.metrics.inc("console_ws_rejected_total", reason="notice_error")
                 log.exception("console ws of %s: could not send a %r notice",
-                              self.session.user.name, notice.get("type"))
+                              self.session.user.name, type(notice).__name__)
 
     def reject(self, reason: str, detail: str) -> None:
         self.server.metrics.inc("console_ws_rejected_total", reason=reason)
