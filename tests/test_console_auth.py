@@ -14,12 +14,13 @@ from aiohttp import web
 from protocol.messages import Event
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
-from server.api import make_app
+from server.web.api import make_app
 from server.app import CentralServer
-from server.console.auth import ROLE_PERMISSIONS, Accounts, LoginLimiter, UserError
-from server.console.web import PUBLIC
+from server.web.auth import ROLE_PERMISSIONS, Accounts, LoginLimiter, UserError
+from server.web.console import PUBLIC
 from tests.console_helpers import PASSWORD, Console, add_users
 from tests.helpers import ALARMPOST, db_rows
+from tests.storage_helpers import sqlite_storage
 
 PUBLIC_ROUTES = {("GET", "/console"), ("GET", "/console/login"), ("POST", "/console/api/login")}
 
@@ -35,14 +36,14 @@ def _console_routes(server: CentralServer) -> list[tuple[str, str, str]]:
             continue
         if isinstance(route.resource, web.StaticResource):
             continue
-        permission = getattr(route.handler, "permission", None)
+        permission = getattr(route.handler, "access", None)
         out.append((route.method, path, permission))
     return out
 
 
 def _incident(server: CentralServer) -> str:
     now = time.time()
-    (res,) = server.storage.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
+    (res,) = server.storage.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
     return res.incident_id
 
 
@@ -72,7 +73,7 @@ async def test_csrf_and_origin_are_enforced(server: CentralServer,
             assert refused.value.status == 403
         with pytest.raises(aiohttp.WSServerHandshakeError):
             await alice.ws(origin="http://evil.example")
-        assert server.storage.incident(incident_id)["state"] == "new"  # nothing happened
+        assert server.storage.incidents.get(incident_id)["state"] == "new"  # nothing happened
         status, body = await alice.post(path)
         assert status == 200 and body["state"] == "acknowledged"
         assert body["acknowledged_by"] == "alice"
@@ -134,9 +135,8 @@ def test_limiter_window_slides() -> None:
 
 
 def test_accounts_reject_bad_input(tmp_path) -> None:
-    import sqlite_utils
-
-    accounts = Accounts(sqlite_utils.Database(tmp_path / "a.db"))
+    storage = sqlite_storage(tmp_path / "a.db")
+    accounts = Accounts(storage.accounts)
     with pytest.raises(UserError, match="role"):
         accounts.add_user("x", "god", PASSWORD)
     with pytest.raises(UserError, match="user name"):
@@ -146,7 +146,7 @@ def test_accounts_reject_bad_input(tmp_path) -> None:
     accounts.add_user("x", "operator", PASSWORD)
     with pytest.raises(UserError, match="exists"):
         accounts.add_user("x", "admin", PASSWORD)
-    stored = accounts.db.execute("SELECT password_hash FROM console_users").fetchone()[0]
+    stored = storage.db.value("SELECT password_hash FROM console_users")
     assert stored.startswith("$argon2id$") and PASSWORD not in stored
 
 

@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 
 from provisioning import deployment as d
-from server.api import make_app
+from server.web.api import make_app
 from server.app import CentralServer
-from server.patrol_web import PUBLIC, TEAM
+from server.web.patrol import PUBLIC, TEAM
 from tests.console_helpers import next_notice
 from tests.helpers import ALARMPOST, MakeDeployment, api, db_rows, run_posts, run_server, until
 from tests.patrol_helpers import KM_LAT, TeamSpec, add_teams
@@ -52,7 +52,7 @@ async def test_every_route_declares_access_and_anonymous_is_refused(
         if (not path.startswith("/patrol") or route.method == "HEAD"
                 or isinstance(route.resource, web.StaticResource)):
             continue
-        routes.append((route.method, path, getattr(route.handler, "patrol_access", None)))
+        routes.append((route.method, path, getattr(route.handler, "access", None)))
     assert len(routes) >= 10
     assert all(level in (PUBLIC, TEAM) for _, _, level in routes), routes
     assert {(m, p) for m, p, level in routes if level == PUBLIC} == PUBLIC_ROUTES
@@ -195,7 +195,7 @@ async def test_page_answers_and_positions_go_through_the_dispatcher(
         assert status == 400 and "classification" in body["error"]
         status, body = await a.post("/patrol/api/answer", {"page": page_id, "answer": "en_route"})
         assert status == 409 and body["reason"] == "not_assigned"  # accept first
-        assert (server.storage.incident(incident_id) or {})["state"] == "paged"
+        assert (server.storage.incidents.get(incident_id) or {})["state"] == "paged"
 
         status, body = await a.post("/patrol/api/answer", {"page": page_id, "answer": "accept"})
         assert status == 200 and body["current"]["phase"] == "accepted", body

@@ -439,8 +439,6 @@ def login_refused(metrics: Metrics, app: str, remote: str, name: str,
                   retry_after: float) -> web.Response:
     """429 for a login refused unchecked: too many failed or unfinished logins from ``remote``."""
     metrics.inc("login_refused_total", app=app, reason="address")
-    if app == "console":
-        metrics.inc("console_logins_total", result="rate_limited")
     seconds = str(int(retry_after) + 1)
     log.warning("%s login of %r from %s refused: too many attempts from there (%s s)", app,
                 name[:64], remote, seconds)

@@ -62,36 +62,29 @@ from server.calls import CallError
 from server.incidents import CLASSIFICATIONS, STATES, InvalidTransition
 from server.live import with_live
 from server.web.auth import (
-    CSRF_HEADER,
     PRELOGIN_COOKIE,
     ROLES,
     SESSION_COOKIE,
     Accounts,
     Session,
+    User,
     UserError,
     login_limiter,
-    login_refused,
-    same_token,
 )
 from server.web.host import ServerHost
 from server.web.http import (
     BadInput,
     Handler,
-    error,
-    forgery_refusal,
     json_body,
     parse_json,
     query_str,
-    refuse,
-    run_handler,
-    same_origin,
     str_field,
 )
+from server.web.sessions import PUBLIC, SessionSite, access, route_access
 
 log = logging.getLogger("alarmpost.console")
 
 PREFIX: Final = "/console"
-PUBLIC: Final = "public"
 STATIC_DIR: Final = Path(__file__).parent / "console_static"
 MAX_WS_MESSAGE: Final = 64 * 1024
 
@@ -99,14 +92,52 @@ H = TypeVar("H", bound=Handler)
 T = TypeVar("T")
 
 
-class ConsoleState:
+class ConsoleState(SessionSite[Session, User]):
+    """The operators' console: accounts with roles, sessions, the console audit log."""
+
+    name = "console"
+    prefix = PREFIX
+    session_cookie = SESSION_COOKIE
+    prelogin_cookie = PRELOGIN_COOKIE
+    login_field = "name"
+    refused_metric = "console_refused_total"
+    logins_metric = "console_logins_total"
+
     def __init__(self, server: ServerHost) -> None:
-        self.server = server
         cfg = server.config.console
+        super().__init__(server, login_limiter(server), cfg.session_ttl_s, cfg.secure_cookies)
         self.accounts = Accounts(server.storage.accounts, cfg.session_ttl_s)
-        self.limiter = login_limiter(server)
         self.sockets: set[web.WebSocketResponse] = set()
         self.socket_users: dict[web.WebSocketResponse, str] = {}
+
+    def find(self, token: str) -> Session | None:
+        return self.accounts.session(token)
+
+    def csrf(self, session: Session) -> str:
+        return session.csrf
+
+    def refusal(self, session: Session, level: str) -> str | None:
+        return None if session.user.may(level) else (
+            f"your role ({session.user.role}) may not do this")
+
+    async def verify(self, name: str, password: str) -> User | None:
+        return await self.accounts.verify_async(name, password)
+
+    def open(self, who: User) -> tuple[str, Session, dict[str, Any]]:
+        token, session = self.accounts.create_session(who)
+        return token, session, {"name": who.name, "role": who.role}
+
+    def close(self, token: str, session: Session, remote: str) -> None:
+        self.accounts.end_session(token)
+        self.accounts.audit(session.user.name, "logout", remote=remote)
+
+    def logged_in(self, who: User, remote: str) -> None:
+        self.accounts.audit(who.name, "login", remote=remote)
+        log.info("%s (%s) logged in from %s", who.name, who.role, remote)
+
+    def login_failed(self, name: str, remote: str) -> None:
+        self.accounts.audit(name, "login_failed", remote=remote)
+        log.warning("failed login for %r from %s", name, remote)
 
     async def close_sockets_of(self, name: str) -> None:
         """Close a user's live WebSockets (disabled, new role, new password): the browser
@@ -117,72 +148,24 @@ class ConsoleState:
 
 
 CONSOLE_KEY: web.AppKey[ConsoleState] = web.AppKey("console")
-SESSION_KEY: web.RequestKey[Session] = web.RequestKey("alarmpost.session", Session)
-
-
-def needs(permission: str) -> Callable[[H], H]:
-    def mark(handler: H) -> H:
-        handler.permission = permission  # type: ignore[attr-defined]
-        return handler
-
-    return mark
+needs = access  # a console route declares the permission it needs
 
 
 def is_console_path(path: str) -> bool:
     return path == PREFIX or path.startswith(PREFIX + "/")
 
 
-def _secure_cookie(request: web.Request) -> bool:
-    return request.secure or request.app[CONSOLE_KEY].server.config.console.secure_cookies
-
-
 def route_permission(request: web.Request) -> str | None:
-    route = request.match_info.route
-    if isinstance(route.resource, web.StaticResource):
-        return PUBLIC
-    return getattr(route.handler, "permission", None)
-
-
-def _refuse(server: ServerHost, request: web.Request, status: int, reason: str,
-            message: str, **headers: str) -> web.Response:
-    return refuse(server.metrics, "console_refused_total", request, status, reason, message,
-                  **headers)
+    return route_access(request)
 
 
 async def console_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Sessions, roles and CSRF for every ``/console`` route (called by the API's middleware)."""
-    state = request.app[CONSOLE_KEY]
-    server = state.server
-    if request.match_info.http_exception is not None:
-        exc = request.match_info.http_exception
-        server.metrics.inc("http_requests_total", status=str(exc.status))
-        return error(exc.status, exc.reason)
-    permission = route_permission(request)
-    if permission is None:  # fail closed: a route that forgot to declare is nobody's
-        log.error("console route %s declares no permission; refused", request.path)
-        return _refuse(server, request, 403, "undeclared", "this endpoint is not available")
-    changes_state = request.method not in ("GET", "HEAD", "OPTIONS")
-    if permission != PUBLIC:
-        session = state.accounts.session(request.cookies.get(SESSION_COOKIE, ""))
-        if session is None:
-            if request.method == "GET" and request.path in (PREFIX, PREFIX + "/"):
-                raise web.HTTPFound(f"{PREFIX}/login")
-            return _refuse(server, request, 401, "no_session", "log in first")
-        if not session.user.may(permission):
-            return _refuse(server, request, 403, "role",
-                           f"your role ({session.user.role}) may not do this")
-        forged = forgery_refusal(request, session.csrf, CSRF_HEADER, changes_state)
-        if forged is not None:
-            return _refuse(server, request, 403, *forged)
-        request[SESSION_KEY] = session
-    elif changes_state and not same_origin(request, required=False):
-        return _refuse(server, request, 403, "origin", "cross-origin request refused")
-    return await run_handler(server.metrics, request, handler)
+    return await request.app[CONSOLE_KEY].guard(request, handler)
 
 
 def _session(request: web.Request) -> Session:
-    session: Session = request[SESSION_KEY]
-    return session
+    return request.app[CONSOLE_KEY].session(request)
 
 
 def _page(name: str, csrf: str, request: web.Request) -> web.Response:
@@ -204,59 +187,18 @@ def _page(name: str, csrf: str, request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- login / me
 @needs(PUBLIC)
 async def login_page(request: web.Request) -> web.StreamResponse:
-    import secrets
-
-    token = secrets.token_urlsafe(32)
-    response = _page("login.html", token, request)
-    response.set_cookie(PRELOGIN_COOKIE, token, path=PREFIX, httponly=True, samesite="Strict",
-                        secure=_secure_cookie(request), max_age=3600)
-    return response
+    return request.app[CONSOLE_KEY].prelogin_token(
+        request, lambda token: _page("login.html", token, request))
 
 
 @needs(PUBLIC)
 async def login(request: web.Request) -> web.Response:
-    state = request.app[CONSOLE_KEY]
-    server = state.server
-    prelogin = request.cookies.get(PRELOGIN_COOKIE, "")
-    if not prelogin or not same_token(request.headers.get(CSRF_HEADER, ""), prelogin):
-        return _refuse(server, request, 403, "csrf",
-                       "missing or wrong CSRF token: reload the login page")
-    body = await json_body(request)
-    name = str_field(body, "name", 64)
-    password = str_field(body, "password", 1024)
-    remote = request.remote or "?"
-    result = await state.limiter.attempt(
-        remote, name, lambda: state.accounts.verify_async(name, password))
-    if result.retry_after > 0:
-        return login_refused(server.metrics, "console", remote, name, result.retry_after)
-    if result.delay > 0:
-        server.metrics.inc("login_delayed_total", app="console")
-    user = result.value
-    if user is None:
-        server.metrics.inc("console_logins_total", result="failed")
-        state.accounts.audit(name, "login_failed", remote=remote)
-        log.warning("failed login for %r from %s", name, remote)
-        return error(401, "wrong name or password")
-    token, session = state.accounts.create_session(user)
-    server.metrics.inc("console_logins_total", result="ok")
-    state.accounts.audit(user.name, "login", remote=remote)
-    log.info("%s (%s) logged in from %s", user.name, user.role, remote)
-    response = web.json_response({"name": user.name, "role": user.role, "csrf": session.csrf})
-    response.set_cookie(SESSION_COOKIE, token, path=PREFIX, httponly=True, samesite="Strict",
-                        secure=_secure_cookie(request),
-                        max_age=int(state.accounts.session_ttl_s))
-    response.del_cookie(PRELOGIN_COOKIE, path=PREFIX)
-    return response
+    return await request.app[CONSOLE_KEY].login(request)
 
 
 @needs("console")
 async def logout(request: web.Request) -> web.Response:
-    state = request.app[CONSOLE_KEY]
-    state.accounts.end_session(request.cookies.get(SESSION_COOKIE, ""))
-    state.accounts.audit(_session(request).user.name, "logout", remote=request.remote or "")
-    response = web.json_response({"ok": True})
-    response.del_cookie(SESSION_COOKIE, path=PREFIX)
-    return response
+    return await request.app[CONSOLE_KEY].logout(request)
 
 
 @needs(PUBLIC)

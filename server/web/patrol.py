@@ -37,7 +37,6 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -53,11 +52,8 @@ from server.incidents import CLASSIFICATIONS
 from server.patrol import Team, TeamError
 from server.storage import TeamStore
 from server.web.auth import (
-    CSRF_HEADER,
     hash_password,
     login_limiter,
-    login_refused,
-    same_token,
     token_digest,
     verify_password,
 )
@@ -65,15 +61,11 @@ from server.web.host import ServerHost
 from server.web.http import (
     BadInput,
     Handler,
-    error,
-    forgery_refusal,
     json_body,
     parse_json,
-    refuse,
-    run_handler,
-    same_origin,
     str_field,
 )
+from server.web.sessions import PUBLIC, SessionSite, access
 
 log = logging.getLogger("alarmpost.patrol_web")
 
@@ -81,7 +73,6 @@ PREFIX: Final = "/patrol"
 STATIC_DIR: Final = Path(__file__).parent / "patrol_static"
 SESSION_COOKIE: Final = "alarmpost_patrol_session"
 PRELOGIN_COOKIE: Final = "alarmpost_patrol_prelogin"
-PUBLIC: Final = "public"
 TEAM: Final = "team"
 MAX_WS_MESSAGE: Final = 4096
 # HTTP status for each reason the dispatcher (or the decoder) refuses a team message.
@@ -182,13 +173,51 @@ class WebNotifier:
         self.app.server.metrics.inc("patrol_web_pushed_total", kind=message["type"])
 
 
-class PatrolApp:
+class PatrolApp(SessionSite[TeamSession, str]):
+    """The patrol teams' phone app: one login per team."""
+
+    name = "patrol"
+    prefix = PREFIX
+    session_cookie = SESSION_COOKIE
+    prelogin_cookie = PRELOGIN_COOKIE
+    login_field = "team"
+    refused_metric = "patrol_web_refused_total"
+    logins_metric = "patrol_web_logins_total"
+    count_http_errors = True
+
     def __init__(self, server: ServerHost) -> None:
-        self.server = server
-        self.logins = TeamLogins(server.storage.teams, server.config.patrol_app.session_ttl_s)
-        self.limiter = login_limiter(server)
+        cfg = server.config.patrol_app
+        super().__init__(server, login_limiter(server), cfg.session_ttl_s,
+                         server.config.console.secure_cookies)
+        self.logins = TeamLogins(server.storage.teams, cfg.session_ttl_s)
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.notifier = WebNotifier(self)
+
+    def find(self, token: str) -> TeamSession | None:
+        return self.logins.session(token)
+
+    def csrf(self, session: TeamSession) -> str:
+        return session.csrf
+
+    def refusal(self, session: TeamSession, level: str) -> str | None:
+        return None if level == TEAM else "not available to a team"
+
+    async def verify(self, name: str, password: str) -> str | None:
+        return name if await self.logins.verify(name, password) else None
+
+    def open(self, who: str) -> tuple[str, TeamSession, dict[str, Any]]:
+        token, session = self.logins.create_session(who)
+        return token, session, {"team": who}
+
+    def close(self, token: str, session: TeamSession, remote: str) -> None:
+        self.logins.end_session(token)
+        log.info("team %s logged out of the patrol app", session.team_id)
+
+    def logged_in(self, who: str, remote: str) -> None:
+        log.info("team %s logged in to the patrol app from %s", who, remote)
+
+    def login_failed(self, name: str, remote: str) -> None:
+        log.warning("failed patrol app login for team %r from %s", name, remote)
 
     def state(self, team_id: str) -> dict[str, Any]:
         """What the team's phone shows: its status, position, and current page or assignment."""
@@ -239,69 +268,20 @@ class PatrolApp:
 
 
 PATROL_KEY: web.AppKey[PatrolApp] = web.AppKey("patrol_app")
-SESSION_KEY: web.RequestKey[TeamSession] = web.RequestKey("alarmpost.team_session", TeamSession)
 
 
 # ---------------------------------------------------------------------------- guard
-def access(level: str) -> Callable[[H], H]:
-    def mark(handler: H) -> H:
-        handler.patrol_access = level  # type: ignore[attr-defined]
-        return handler
-
-    return mark
-
-
 def is_patrol_path(path: str) -> bool:
     return path == PREFIX or path.startswith(PREFIX + "/")
 
 
-def _secure_cookie(request: web.Request) -> bool:
-    return request.secure or request.app[PATROL_KEY].server.config.console.secure_cookies
-
-
-def _refuse(app: PatrolApp, request: web.Request, status: int, reason: str, message: str,
-            **headers: str) -> web.Response:
-    return refuse(app.server.metrics, "patrol_web_refused_total", request, status, reason,
-                  message, **headers)
-
-
 async def patrol_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Team sessions and CSRF for every ``/patrol`` route (called by the API's middleware)."""
-    app = request.app[PATROL_KEY]
-    server = app.server
-    if request.match_info.http_exception is not None:
-        exc = request.match_info.http_exception
-        server.metrics.inc("http_requests_total", status=str(exc.status))
-        return error(exc.status, exc.reason)
-    route = request.match_info.route
-    level = PUBLIC if isinstance(route.resource, web.StaticResource) else getattr(
-        route.handler, "patrol_access", None)
-    if level not in (PUBLIC, TEAM):  # fail closed
-        log.error("patrol route %s declares no access level; refused", request.path)
-        return _refuse(app, request, 403, "undeclared", "this endpoint is not available")
-    changes_state = request.method not in ("GET", "HEAD", "OPTIONS")
-    if level == TEAM:
-        session = app.logins.session(request.cookies.get(SESSION_COOKIE, ""))
-        if session is None:
-            if request.method == "GET" and request.path in (PREFIX, PREFIX + "/"):
-                raise web.HTTPFound(f"{PREFIX}/login")
-            return _refuse(app, request, 401, "no_session", "log in first")
-        forged = forgery_refusal(request, session.csrf, CSRF_HEADER, changes_state)
-        if forged is not None:
-            return _refuse(app, request, 403, *forged)
-        request[SESSION_KEY] = session
-    elif changes_state and not same_origin(request, required=False):
-        return _refuse(app, request, 403, "origin", "cross-origin request refused")
-    return await run_handler(
-        server.metrics, request, handler,
-        on_http_error=lambda status: server.metrics.inc("patrol_web_refused_total",
-                                                         reason=f"http_{status}"),
-    )
+    return await request.app[PATROL_KEY].guard(request, handler)
 
 
 def _session(request: web.Request) -> TeamSession:
-    session: TeamSession = request[SESSION_KEY]
-    return session
+    return request.app[PATROL_KEY].session(request)
 
 
 def _number(body: dict[str, Any], key: str, default: float | None = None) -> float:
@@ -357,57 +337,17 @@ async def root(request: web.Request) -> web.StreamResponse:
 
 @access(PUBLIC)
 async def login_page(request: web.Request) -> web.StreamResponse:
-    token = secrets.token_urlsafe(32)
-    response = _html("login.html", token)
-    response.set_cookie(PRELOGIN_COOKIE, token, path=PREFIX, httponly=True, samesite="Strict",
-                        secure=_secure_cookie(request), max_age=3600)
-    return response
+    return request.app[PATROL_KEY].prelogin_token(request, lambda token: _html("login.html", token))
 
 
 @access(PUBLIC)
 async def login(request: web.Request) -> web.Response:
-    app = request.app[PATROL_KEY]
-    server = app.server
-    prelogin = request.cookies.get(PRELOGIN_COOKIE, "")
-    if not prelogin or not same_token(request.headers.get(CSRF_HEADER, ""), prelogin):
-        return _refuse(app, request, 403, "csrf",
-                       "missing or wrong CSRF token: reload the login page")
-    body = await json_body(request)
-    team_id = str_field(body, "team", 64).strip()
-    password = str_field(body, "password", 1024)
-    remote = request.remote or "?"
-
-    async def check() -> bool | None:
-        return True if await app.logins.verify(team_id, password) else None
-
-    result = await app.limiter.attempt(remote, team_id, check)
-    if result.retry_after > 0:
-        server.metrics.inc("patrol_web_logins_total", result="rate_limited")
-        return login_refused(server.metrics, "patrol", remote, team_id, result.retry_after)
-    if result.delay > 0:
-        server.metrics.inc("login_delayed_total", app="patrol")
-    if result.value is None:
-        server.metrics.inc("patrol_web_logins_total", result="failed")
-        log.warning("failed patrol app login for team %r from %s", team_id, remote)
-        return error(401, "wrong team or password")
-    token, session = app.logins.create_session(team_id)
-    server.metrics.inc("patrol_web_logins_total", result="ok")
-    log.info("team %s logged in to the patrol app from %s", team_id, remote)
-    response = web.json_response({"team": team_id, "csrf": session.csrf})
-    response.set_cookie(SESSION_COOKIE, token, path=PREFIX, httponly=True, samesite="Strict",
-                        secure=_secure_cookie(request), max_age=int(app.logins.session_ttl_s))
-    response.del_cookie(PRELOGIN_COOKIE, path=PREFIX)
-    return response
+    return await request.app[PATROL_KEY].login(request)
 
 
 @access(TEAM)
 async def logout(request: web.Request) -> web.Response:
-    app = request.app[PATROL_KEY]
-    app.logins.end_session(request.cookies.get(SESSION_COOKIE, ""))
-    log.info("team %s logged out of the patrol app", _session(request).team_id)
-    response = web.json_response({"ok": True})
-    response.del_cookie(SESSION_COOKIE, path=PREFIX)
-    return response
+    return await request.app[PATROL_KEY].logout(request)
 
 
 @access(TEAM)
