@@ -5,7 +5,7 @@ When ``server.toml`` sits in a deployment directory (``alarmpost provision init`
 creates the team's broker account ``team-{id}`` and its device config ``teams/{id}.toml``, and
 ``remove`` revokes them (send SIGHUP to the broker so it re-reads its password file).
 ``password`` (or ``add --app-password-stdin``) sets the team's login for the patrol web app at
-``/patrol`` (:mod:`server.patrol_web`).
+``/patrol`` (:mod:`server.web.patrol`).
 """
 
 from __future__ import annotations
@@ -69,13 +69,13 @@ def _app_password(team_id: str, from_stdin: bool) -> str:
     return first
 
 
-def _set_app_password(db: Any, config: Any, team_id: str, password: str) -> None:
+def _set_app_password(teams: Any, config: Any, team_id: str, password: str) -> None:
     from server import patrol
-    from server.console.auth import UserError
-    from server.patrol_web import set_app_password
+    from server.web.auth import UserError
+    from server.web.patrol import set_app_password
 
     try:
-        set_app_password(db, team_id, password)
+        set_app_password(teams, team_id, password)
     except (patrol.TeamError, UserError) as exc:
         raise ConfigError(str(exc)) from None
     print(f"team {team_id} can log in to the patrol app: "
@@ -83,20 +83,19 @@ def _set_app_password(db: Any, config: Any, team_id: str, password: str) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    import sqlite_utils
-
     from provisioning import deployment as d
     from server import patrol
     from server.config import load_server_config
+    from server.storage import open_storage
 
     config = load_server_config(args.config)
-    db = sqlite_utils.Database(config.database.path)
-    db.enable_wal()
+    storage = open_storage(config.database)
+    teams = storage.teams
     deployment_dir = Path(args.config).resolve().parent
     in_deployment = (deployment_dir / "deployment.toml").exists()
     try:
         if args.team_action == "list":
-            teams = [t.as_dict() for t in patrol.load_teams(db).values()]
+            teams = [t.as_dict() for t in patrol.load_teams(teams).values()]
             if args.json:
                 print(json.dumps(teams))
             else:
@@ -107,12 +106,12 @@ def run(args: argparse.Namespace) -> int:
                           f"zone {zone}  contacts {', '.join(t['contacts']) or '-'}")
             return 0
         if args.team_action == "password":
-            _set_app_password(db, config, args.id, _app_password(args.id, args.password_stdin))
+            _set_app_password(teams, config, args.id, _app_password(args.id, args.password_stdin))
             return 0
         if args.team_action == "add":
             app_password = _app_password(args.id, True) if args.app_password_stdin else None
             if app_password is not None:
-                from server.console.auth import MAX_PASSWORD, MIN_PASSWORD
+                from server.web.auth import MAX_PASSWORD, MIN_PASSWORD
 
                 if not MIN_PASSWORD <= len(app_password) <= MAX_PASSWORD:
                     raise ConfigError(f"the app password must have {MIN_PASSWORD} to "
@@ -124,12 +123,12 @@ def run(args: argparse.Namespace) -> int:
                     else None,
                     zone_posts=[p.strip() for p in args.zone_posts.split(",") if p.strip()],
                     shift=args.shift)
-                patrol.add_team(db, team)
+                patrol.add_team(teams, team)
             except patrol.TeamError as exc:
                 raise ConfigError(str(exc)) from None
             print(f"team {team.id} added ({team.name})")
             if app_password is not None:
-                _set_app_password(db, config, team.id, app_password)
+                _set_app_password(teams, config, team.id, app_password)
             if in_deployment and not args.no_credentials:
                 dep = d.open_deployment(deployment_dir)
                 path = d.add_team_account(dep, team.id, team.name)
@@ -137,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                       "(holds the password)")
                 print("send SIGHUP to the broker so it accepts the new account")
             return 0
-        if not patrol.remove_team(db, args.id):
+        if not patrol.remove_team(teams, args.id):
             print(f"alarmpost: no team {args.id!r}", file=sys.stderr)
             return 1
         print(f"team {args.id} removed")
@@ -147,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"broker account team-{args.id} revoked; send SIGHUP to the broker")
         return 0
     finally:
-        db.close()
+        storage.close()
 
 
 # ---------------------------------------------------------------------------- the demo's teams
@@ -163,19 +162,21 @@ DEMO_TEAMS = (
 
 def provision_demo_teams(dep: Any) -> None:
     """Register the demo's five teams (with broker accounts) before broker and server start."""
-    import sqlite_utils
-
     from provisioning import deployment as d
     from server import patrol
+    from server.config import load_server_config
+    from server.storage import open_storage
 
-    db = sqlite_utils.Database(dep.directory / "server.db")
+    storage = open_storage(load_server_config(dep.server_config).database)
     posts = [p.id for p in dep.posts]
-    for i, (team_id, name, *_) in enumerate(DEMO_TEAMS):
-        zone = posts[i::len(DEMO_TEAMS)]
-        patrol.add_team(db, patrol.make_team(team_id, name, [f"+86 591 8800 00{i + 1:02d}"],
-                                             zone_posts=zone))
-        d.add_team_account(dep, team_id, name)
-    db.close()
+    try:
+        for i, (team_id, name, *_) in enumerate(DEMO_TEAMS):
+            zone = posts[i::len(DEMO_TEAMS)]
+            patrol.add_team(storage.teams, patrol.make_team(
+                team_id, name, [f"+86 591 8800 00{i + 1:02d}"], zone_posts=zone))
+            d.add_team_account(dep, team_id, name)
+    finally:
+        storage.close()
 
 
 async def start_demo_teams(dep: Any) -> list[Any]:

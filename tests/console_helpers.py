@@ -10,14 +10,14 @@ import aiohttp
 
 from provisioning import deployment as d
 from server.app import CentralServer
-from server.console.auth import Accounts
+from server.web.auth import Accounts
 from tests.helpers import BrowserClient
 
 PASSWORD = "correct horse battery"
 
 
 def add_users(server: CentralServer, *names_roles: tuple[str, str]) -> None:
-    accounts = Accounts(server.storage.db)  # type: ignore[attr-defined]
+    accounts = Accounts(server.storage.accounts)
     for name, role in names_roles:
         accounts.add_user(name, role, PASSWORD)
 

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import time
 
-import sqlite_utils
-
 from provisioning import deployment as d
-from server.patrol_web import set_app_password
+from server.web.patrol import set_app_password
 from tests.console_helpers import FromAddress
+from tests.storage_helpers import server_storage
 
 APP_PASSWORD = "patrol car password"
 
 
 def give_app_passwords(dep: d.Deployment, *team_ids: str) -> None:
-    db = sqlite_utils.Database(dep.directory / "server.db")
+    storage = server_storage(dep.server_config)
     try:
         for team_id in team_ids:
-            set_app_password(db, team_id, APP_PASSWORD)
+            set_app_password(storage.teams, team_id, APP_PASSWORD)
     finally:
-        db.close()
+        storage.close()
 
 
 class Phone(FromAddress):

@@ -10,7 +10,7 @@ from protocol.messages import Event
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
-from server.storage import SqliteStorage
+from tests.storage_helpers import sqlite_storage
 from tests.console_helpers import PASSWORD, Console, add_users, next_notice
 from tests.helpers import MakeDeployment, api, db_rows, run_posts, run_server, until
 from tests.patrol_helpers import TeamSpec, add_teams, run_teams
@@ -25,18 +25,19 @@ def test_an_older_database_gets_the_test_mode_columns(tmp_path: Path) -> None:
                      "last_seen REAL, health TEXT)")
         conn.execute("INSERT INTO posts (id) VALUES ('P001')")
     conn.close()
-    storage = SqliteStorage(str(path))
-    assert storage.post("P001")["test_mode"] == 0
-    storage.set_test_mode("P001", True, "tina", "commissioning")
+    storage = sqlite_storage(str(path))
+    assert storage.posts.get("P001")["test_mode"] == 0
+    storage.posts.set_test_mode("P001", True, "tina", "commissioning")
     storage.close()
-    again = SqliteStorage(str(path))  # the migration is idempotent; the flag survives a restart
-    assert again.in_test_mode("P001")
-    row = again.post("P001")
+    again = sqlite_storage(str(path))  # the migration is idempotent; the flag survives a restart
+    assert again.posts.in_test_mode("P001")
+    row = again.posts.get("P001")
     assert (row["test_mode"], row["test_mode_by"], row["test_mode_reason"]) == (
         1, "tina", "commissioning")
     now = time.time()
-    (res,) = again.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
-    assert res.test and again.incident(res.incident_id)["classification"] == "test"
+    (res,) = again.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now),
+                                             now)])
+    assert res.test and again.incidents.get(res.incident_id)["classification"] == "test"
     again.close()
 
 
@@ -84,13 +85,13 @@ async def test_test_mode_commits_and_acks_but_neither_rings_nor_pages(
         # it decides without awaiting), it has made no job and sent no page.
         await until(lambda: server.dispatcher._notices.empty(), 5, "the dispatcher took it")
         assert incident_id not in server.dispatcher.jobs and teams["A"].pages == {}
-        timeline = server.storage.incident(incident_id)["timeline"]
+        timeline = server.storage.incidents.get(incident_id)["timeline"]
         assert "test mode" in timeline[0]["detail"]
 
         # Out of test mode: the open test incident is closed, the next press is a real alarm.
         status, row = await ada.post(path, {"on": False, "reason": "done"})
         assert status == 200 and row["test_mode"] == 0
-        await until(lambda: server.storage.incident(incident_id)["state"] == "resolved", 5,
+        await until(lambda: server.storage.incidents.get(incident_id)["state"] == "resolved", 5,
                     "test incident closed")
         await post.press()
         real = await next_notice(ws, "incident_opened")

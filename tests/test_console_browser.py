@@ -112,7 +112,7 @@ async def test_operator_answers_silences_and_resolves_in_chromium(
         await alice.click("#btn-resolve")
         await alice.wait_for_selector("#incident[data-state='resolved']", timeout=5000)
         await until(lambda: not intercom.engine.camera_open, 5, "camera released")
-        incident = server.storage.incident(incident_id)
+        incident = server.storage.incidents.get(incident_id)
         assert incident["classification"] == "help_request"
         assert incident["note"] == "crowd of cars at the gate at closing time"
         actions = [(t["actor"], t["action"]) for t in incident["timeline"]]
@@ -136,7 +136,7 @@ async def test_closing_the_browser_ends_the_call(make_deployment: Any, browser: 
         alice = await login(browser, dep, "alice")
         await posts["P002"].press()
         ring = await alice.wait_for_selector("#ring:not(.hidden)", timeout=3000)
-        assert server.storage.incident(await ring.get_attribute("data-incident"))["state"] == "paged"
+        assert server.storage.incidents.get(await ring.get_attribute("data-incident"))["state"] == "paged"
         await alice.click(f"#inc-{await ring.get_attribute('data-incident')}")
         await alice.click("#btn-answer")
         await until(lambda: frames_decoded(alice), 10, "first decoded frame")
@@ -162,12 +162,12 @@ async def test_test_mode_accounts_and_dispatch_overrides_in_chromium(
         await tina.fill("#test-reason", "commissioning")
         await tina.click("#post-P001 button.testmode")
         await tina.wait_for_selector("#post-P001.test .badge-test")
-        assert server.storage.in_test_mode("P001")
+        assert server.storage.posts.in_test_mode("P001")
 
         # Its press shows as TEST in the operator's queue and does not ring.
         otto = await login(browser, dep, "otto")
         await posts["P001"].press()
-        test_id = (await until(lambda: server.storage.incidents("open", 5), 5, "test incident"))[0]["id"]
+        test_id = (await until(lambda: server.storage.incidents.recent("open", 5), 5, "test incident"))[0]["id"]
         await otto.wait_for_selector(f"#inc-{test_id}.test .badge-test")
         assert not await otto.is_visible("#ring")
         assert await otto.evaluate(f"window.__console.ringedAt[{test_id!r}]") is None
@@ -198,4 +198,4 @@ async def test_test_mode_accounts_and_dispatch_overrides_in_chromium(
         await ada.click("#user-nina button.toggle")
         await ada.wait_for_selector("#user-nina.disabled")
         await ada.wait_for_selector("#audit li:has-text('user_disabled')")
-        assert server.storage.incident(test_id)["classification"] == "test"
+        assert server.storage.incidents.get(test_id)["classification"] == "test"

@@ -99,7 +99,7 @@ async def test_answer_take_hang_up_and_every_way_a_call_ends(
         assert (await next_notice(ws_b, "call.error"))["reason"] == "offline"
         await ws_b.close()
 
-    timeline = server.storage.incident(incident_id)["timeline"]
+    timeline = server.storage.incidents.get(incident_id)["timeline"]
     actions = [t["action"] for t in timeline]
     assert actions.count("call_answered") == 2 and actions.count("call_ended") == 2
     assert server.calls.calls == {} and server.calls.by_post == {}

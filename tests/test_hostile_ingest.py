@@ -19,7 +19,8 @@ from protocol.messages import Ack, Event, Heartbeat, Status, decode_from_server,
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
-from server.storage import PostInfo, SqliteStorage
+from server.storage import PostInfo, Storage
+from tests.storage_helpers import sqlite_storage
 from tests.helpers import ServerProcess, api, db_rows, run_server, server_side_credentials, until
 
 # ~4 KB of nesting: under the size limit, deep enough to overflow a recursive decoder.
@@ -256,51 +257,51 @@ def test_a_database_of_the_released_schema_is_upgraded_in_place(tmp_path: Path) 
     conn.commit()
     conn.close()
 
-    store = SqliteStorage(str(path))
-    keys = [r[5] for r in store.db.execute("PRAGMA table_info(events)").fetchall()]
-    assert sum(1 for k in keys if k) == 2, "events keyed by (post_id, id)"
+    store = sqlite_storage(str(path))
+    keys = [name for name, pk in sorted(store.db.table_columns("events"), key=lambda c: c[1]) if pk]
+    assert keys == ["post_id", "id"], "events keyed by (post_id, id)"
     assert db_row(store, "SELECT post_id, seq, incident_id FROM events WHERE id=?", old_id) == (
         "P001", 7, "I1")
     # The old event's resend is a duplicate; the same id from another post is its own alarm.
-    store.upsert_posts([PostInfo(id="P001"), PostInfo(id="P002")])
-    resend, other = store.commit_events([(event("P001", 7, event_id=old_id), now),
+    store.posts.upsert([PostInfo(id="P001"), PostInfo(id="P002")])
+    resend, other = store.incidents.commit_events([(event("P001", 7, event_id=old_id), now),
                                          (event("P002", 1, event_id=old_id), now)])
     assert resend.duplicate and resend.incident_id == "I1"
     assert not other.duplicate and other.new_incident and other.collision
     store.close()
-    store = SqliteStorage(str(path))  # a second start finds nothing left to migrate
-    assert store.db.execute("SELECT COUNT(*) FROM events").fetchone() == (2,)
+    store = sqlite_storage(str(path))  # a second start finds nothing left to migrate
+    assert store.db.value("SELECT count(*) AS n FROM events") == 2
     store.close()
 
 
-def db_row(store: SqliteStorage, sql: str, *params: Any) -> tuple[Any, ...]:
-    row = store.db.execute(sql, params).fetchone()
+def db_row(store: Storage, sql: str, *params: Any) -> tuple[Any, ...]:
+    row = store.db.one(sql, params)
     assert row is not None
-    return tuple(row)
+    return tuple(row.values())
 
 
 # --------------------------------------------------------------------- finding 5: server time
 def test_a_slow_post_clock_does_not_auto_resolve_its_alarm(tmp_path: Path) -> None:
-    store = SqliteStorage(str(tmp_path / "s.db"))
-    store.upsert_posts([PostInfo(id="P001"), PostInfo(id="P002")])
+    store = sqlite_storage(str(tmp_path / "s.db"))
+    store.posts.upsert([PostInfo(id="P001"), PostInfo(id="P002")])
     now = time.time()
-    (slow,) = store.commit_events([(event("P001", ts=now - 3600), now)])
-    assert store.resolve_idle_incidents(60, now + 5) == [], "auto-resolved on the post's clock"
-    assert store.resolve_idle_incidents(60, now + 61) == [slow.incident_id]
+    (slow,) = store.incidents.commit_events([(event("P001", ts=now - 3600), now)])
+    assert store.incidents.resolve_idle(60, now + 5) == [], "auto-resolved on the post's clock"
+    assert store.incidents.resolve_idle(60, now + 61) == [slow.incident_id]
     # A post stamping 2099 does not hold its incident open, nor sort it first.
-    (future,) = store.commit_events([(event("P001", 2, ts=4_070_908_800.0), now + 100)])
-    (normal,) = store.commit_events([(event("P002"), now + 101)])
+    (future,) = store.incidents.commit_events([(event("P001", 2, ts=4_070_908_800.0), now + 100)])
+    (normal,) = store.incidents.commit_events([(event("P002"), now + 101)])
     assert future.clock_suspect and not normal.clock_suspect
-    incident = store.incident(future.incident_id)
+    incident = store.incidents.get(future.incident_id)
     assert incident is not None and incident["last_event_at"] == pytest.approx(now + 100)
     assert incident["events"][0]["pressed_at"] == 4_070_908_800.0  # the post's own time is kept
     assert incident["events"][0]["clock_suspect"] == 1
-    assert [i["id"] for i in store.incidents("open", 10)] == [normal.incident_id,
+    assert [i["id"] for i in store.incidents.recent("open", 10)] == [normal.incident_id,
                                                                future.incident_id]
-    assert store.resolve_idle_incidents(60, now + 161) == [future.incident_id]
+    assert store.incidents.resolve_idle(60, now + 161) == [future.incident_id]
     # Legitimately old (a resend after an outage) is not suspect; a year old is.
-    (resent,) = store.commit_events([(event("P002", 2, ts=now - 6 * 3600), now + 200)])
-    (ancient,) = store.commit_events([(event("P002", 3, ts=now - 400 * 86400), now + 200)])
+    (resent,) = store.incidents.commit_events([(event("P002", 2, ts=now - 6 * 3600), now + 200)])
+    (ancient,) = store.incidents.commit_events([(event("P002", 3, ts=now - 400 * 86400), now + 200)])
     assert not resent.clock_suspect and ancient.clock_suspect
     store.close()
 

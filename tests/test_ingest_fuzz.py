@@ -215,7 +215,7 @@ async def test_fuzzed_messages_on_every_topic_family_never_break_the_server(
 
             ack = await asyncio.wait_for(acked(), 20)
         assert not ack.duplicate
-        committed = server.storage.events("P001", 10)
+        committed = server.storage.incidents.events("P001", 10)
         assert committed[0]["id"] == press.id
 
         m = server.metrics

@@ -16,7 +16,7 @@ from aiohttp import web
 from protocol.messages import Event
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
-from server.api import make_app
+from server.web.api import make_app
 from server.app import CentralServer
 from tests.console_helpers import Console, add_users
 from tests.patrol_helpers import TeamSpec, add_teams
@@ -90,7 +90,7 @@ def test_the_tables_name_every_route(server: CentralServer) -> None:
 
 def _incident(server: CentralServer) -> str:
     now = time.time()
-    (res,) = server.storage.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
+    (res,) = server.storage.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
     return res.incident_id
 
 

@@ -141,7 +141,7 @@ async def fleet(make_deployment: MakeDeployment) -> AsyncIterator[Fleet]:
         add_users(server, ("op", "operator"), ("tech", "technician"), ("root", "admin"),
                   ("victim", "operator"))
         now = time.time()
-        (res,) = server.storage.commit_events(
+        (res,) = server.storage.incidents.commit_events(
             [(Event(id=new_ulid(), post="P002", seq=1, ts=now), now)])
         yield Fleet(dep, server, res.incident_id)
 

@@ -15,7 +15,7 @@ import pytest
 
 from provisioning import deployment as d
 from server.app import CentralServer
-from server.console.auth import LoginLimiter
+from server.web.auth import LoginLimiter
 from tests.console_helpers import Console, add_users
 from tests.helpers import MakeDeployment, db_rows, run_server
 from tests.patrol_helpers import TeamSpec, add_teams
@@ -206,7 +206,7 @@ async def test_nested_and_oversized_json_bodies_are_400_on_every_json_route(
     from protocol.messages import Event
     from protocol.ulid import new_ulid
 
-    (res,) = server.storage.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now),
+    (res,) = server.storage.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now),
                                             now)])
     inc = res.incident_id
     console_routes = {
@@ -377,7 +377,7 @@ async def test_a_socket_trickling_its_body_is_answered_408(
 
 def test_parse_json_bounds_depth_before_parsing_and_refuses_what_no_store_takes() -> None:
     from protocol.messages import json_depth
-    from server.webutil import BadInput, parse_json
+    from server.web.http import BadInput, parse_json
 
     assert json_depth(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "b": [1, {"c": []}]}', 100) == 4
     assert json_depth(b'["\\"[[[[", "\\\\", [[]]]', 100) == 3  # escaped quotes, backslashes
