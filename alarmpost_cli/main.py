@@ -96,9 +96,12 @@ def cmd_server_user(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from firmware_sim.control import run_sim
+    from firmware_sim.control import SimOptions, run_sim
 
-    return run_sim(args)
+    return run_sim(SimOptions(
+        deployment=args.deployment, posts=args.posts, only=tuple(args.only),
+        press_every=args.press_every, control=args.control, seed=args.seed,
+    ))
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

@@ -17,8 +17,9 @@ broker session within :data:`TAKEOVER_FAULT_S`: a cloned credential).
 
 Everything the agent receives is handled inside one boundary (:meth:`EdgeAgent._receiver`): a
 message that is refused or whose handling fails is counted by reason in ``counters``, logged with
-its topic and size, and the agent carries on. Reconnects back off (:class:`edge.backoff.Backoff`)
-and start fast again after a connection that lived.
+its topic and size, and the agent carries on. The broker connection is a :class:`mqttlink.MqttLink`:
+reconnects back off and start fast again after a connection that lived, but not after one a clone
+of this post took over.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import contextlib
 import dataclasses
 import logging
 import random
-import ssl
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -36,15 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from edge.backoff import Backoff
 from edge.config import EdgeConfig
 from edge.hardware import GpioHardware, Hardware
 from edge.intercom import Intercom
 from edge.outbox import Outbox, Pending
 from edge.storage import EventStore
+from mqttlink import Backoff, ConnectionDropped, HandlerFault, LinkError, LinkState, MqttLink
 from protocol.messages import (
     Ack,
     CallSignal,
@@ -60,14 +58,12 @@ from protocol.messages import (
     encode,
 )
 from protocol.topics import post_topic, server_status_topic
-from protocol.transport import SOCKET_OPTIONS
 from protocol.ulid import new_ulid
 
 log = logging.getLogger("alarmpost.edge")
 
-# MQTT 5 DISCONNECT reason "Session taken over": another client connected with this post's id
-# (with ``use_username_as_clientid``: with this post's credential). Reported for this long after.
-SESSION_TAKEN_OVER = 0x8E
+# Another client took this post's broker session (with ``use_username_as_clientid``: another
+# device with this post's credential): reported as a fault for this long after.
 TAKEOVER_FAULT_S = 600.0
 # A connection that stayed up this long proves the broker fine: the next outage retries fast.
 CONNECTION_LIVED_S = 3.0
@@ -82,28 +78,6 @@ class _PostLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 AckListener = Callable[[Ack, float], None]
 PressListener = Callable[[Event], None]
 SentListener = Callable[[str, int], None]  # (event id, attempt): the broker took a publish
-
-
-class _MqttClient(aiomqtt.Client):
-    """aiomqtt drops PUBACK reason codes; a publish the broker refused (0x87, not authorised)
-    must not pass silently, or a misconfigured post would resend into the void forever."""
-
-    on_refused: Callable[[int], None] | None = None
-    on_taken_over: Callable[[], None] | None = None
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any,
-                    properties: Any) -> None:
-        if getattr(reason_code, "is_failure", False) and self.on_refused is not None:
-            self.on_refused(int(reason_code.value))
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
-                       properties: Any = None) -> None:
-        # paho hands over the reason of a DISCONNECT the broker sent (MQTT 5); aiomqtt turns it
-        # into a bare MqttCodeError. A cloned credential must be seen, so look at it first.
-        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER and self.on_taken_over:
-            self.on_taken_over()
-        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
 
 @dataclass
@@ -132,19 +106,23 @@ class EdgeAgent:
         self.sent_listeners: list[SentListener] = []
         self._inflight: OrderedDict[str, _InFlight] = OrderedDict()
         self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
         self._started = time.monotonic()
         self._started_wall = time.time()
         self._sent_status: OrderedDict[bytes, None] = OrderedDict()
         self._siren_timer: asyncio.TimerHandle | None = None
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
-        self._client: aiomqtt.Client | None = None
-        self.reconnect = Backoff(initial_s=0.2, cap_s=config.timing.reconnect_max_s,
-                                 lived_s=CONNECTION_LIVED_S)
+        self._client: aiomqtt.Client | None = None  # while a session is up
         self._taken_over_at: float | None = None  # monotonic time of the last takeover
         self._topics = {k: post_topic(self.post_id, k) for k in ("event", "heartbeat", "status",
                                                                    "cmdresult", "ack", "cmd",
                                                                    "call", "callstate")}
+        self.reconnect = Backoff(initial_s=0.2, cap_s=config.timing.reconnect_max_s,
+                                 lived_s=CONNECTION_LIVED_S)
+        self.link = MqttLink(
+            config.mqtt, self._session, will=self._will, before_disconnect=self._say_offline,
+            on_publish_refused=self._on_refused, backoff=self.reconnect, logger=self.log,
+        )
+        self.link.state_listeners.append(self._on_link_state)
         media = dataclasses.asdict(config.media)
         self.intercom = Intercom({"post_id": self.post_id, **media}, self._publish_call, self.log)
         self._call_tasks: set[asyncio.Task[None]] = set()
@@ -213,10 +191,11 @@ class EdgeAgent:
         return len(self._inflight)
 
     def stop(self) -> None:
-        self._stopping.set()
+        self.link.stop()
 
     async def run(self) -> None:
         """Connect, reconnect after every failure, until :meth:`stop`."""
+        self.link.settings = self.config.mqtt  # as configured now, not when the agent was made
         loop = asyncio.get_running_loop()
         for entry in self.store.open():
             self._inflight[entry.id] = _InFlight(entry)
@@ -228,31 +207,7 @@ class EdgeAgent:
         )
         storage_watch = asyncio.create_task(self._watch_storage())
         try:
-            while not self._stopping.is_set():
-                takeovers = self.counters["session_taken_over"]
-                try:
-                    await self._session()
-                    self.reconnect.reset()
-                except aiomqtt.MqttError as exc:
-                    self.counters["disconnects"] += 1
-                    self.log.warning("broker connection lost or refused: %s", exc)
-                except Exception:  # a fault of ours must not end the post: count, log, reconnect
-                    self.counters["session_errors"] += 1
-                    self.log.exception("broker session failed")
-                finally:
-                    self._client = None
-                    self.connected.clear()
-                    self.server_online = False
-                    # Fast again after a connection that lived, unless a clone took it from us
-                    # (then fast retries would only make the two devices fight faster).
-                    self.reconnect.disconnected(
-                        reset_if_lived=self.counters["session_taken_over"] == takeovers)
-                if self._stopping.is_set():
-                    break
-                delay = self.reconnect.next_delay()
-                self.log.info("reconnecting in %.1f s", delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+            await self.link.run()  # until stop(); every failure is caught, counted, retried
         finally:
             storage_watch.cancel()
             await asyncio.gather(storage_watch, return_exceptions=True)
@@ -274,44 +229,24 @@ class EdgeAgent:
                     self.counters["storage_watch_errors"] += 1
                     self.log.exception("retrying the outbox failed")
 
-    def _client_args(self) -> dict[str, object]:
-        m = self.config.mqtt
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = m.session_expiry_s
-        will = aiomqtt.Will(
+    # ------------------------------------------------------------------ the broker link
+    def _will(self) -> aiomqtt.Will:
+        """The Last Will, made afresh for each connection attempt: the broker publishes it
+        (retained) when the connection is lost without a clean DISCONNECT."""
+        return aiomqtt.Will(
             self._topics["status"],
             self._own_status(Status(post=self.post_id, state="offline", ts=time.time(),
                                     reason="connection lost")),
             qos=1,
             retain=True,
         )
-        tls: ssl.SSLContext | None = None
-        if m.tls_ca_file:
-            tls = ssl.create_default_context(cafile=m.tls_ca_file)
-            if m.tls_cert_file:
-                tls.load_cert_chain(m.tls_cert_file, m.tls_key_file or None)
-        return dict(
-            hostname=m.host,
-            port=m.port,
-            username=m.username,
-            password=m.password or None,
-            identifier=f"post-{self.post_id}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=props,
-            will=will,
-            keepalive=m.keepalive_s,
-            tls_context=tls,
-            timeout=10,
-            socket_options=SOCKET_OPTIONS,
-        )
 
-    async def _session(self) -> None:
-        client = _MqttClient(**self._client_args())  # type: ignore[arg-type]
-        client.on_refused = self._on_refused
-        client.on_taken_over = self._on_taken_over
-        async with client:
-            self._client = client
+    async def _session(self, client: aiomqtt.Client, session_present: bool) -> None:
+        """One broker connection's life (the link's ``on_connected``): subscribe, say online,
+        resend what is unacknowledged, then read, send and beat until the link cancels it or
+        a task fails."""
+        self._client = client
+        try:
             await client.subscribe(
                 [(self._topics["ack"], 1), (self._topics["cmd"], 1), (self._topics["call"], 1),
                  (server_status_topic(), 1), (self._topics["status"], 1)]
@@ -323,36 +258,50 @@ class EdgeAgent:
                 retain=True,
             )
             self.connected.set()
-            self.reconnect.connected()
-            self.log.info("connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
             self._resend_all_now()
             tasks = [
                 asyncio.create_task(self._receiver(client)),
                 asyncio.create_task(self._sender(client)),
                 asyncio.create_task(self._heartbeats(client)),
             ]
-            stopper = asyncio.create_task(self._stopping.wait())
             try:
-                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in [*tasks, stopper]:
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, stopper, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
                 # A new MQTT session means new calls: the server ends this session's too.
                 await self.intercom.end_all("MQTT session ended")
             for task in done:
-                if task is not stopper and task.exception() is not None:
+                if task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            if self._stopping.is_set():
-                # A clean disconnect sends no Last Will: say offline ourselves.
-                with contextlib.suppress(aiomqtt.MqttError):
-                    await client.publish(
-                        self._topics["status"],
-                        self._own_status(Status(post=self.post_id, state="offline",
-                                                ts=time.time(), reason="shutdown")),
-                        qos=1,
-                        retain=True,
-                    )
+        finally:
+            self._client = None
+            self.connected.clear()
+            self.server_online = False
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """On a clean stop, before DISCONNECT: a clean disconnect sends no Last Will, so the
+        post says offline itself."""
+        await client.publish(
+            self._topics["status"],
+            self._own_status(Status(post=self.post_id, state="offline", ts=time.time(),
+                                    reason="shutdown")),
+            qos=1,
+            retain=True,
+        )
+
+    def _on_link_state(self, state: LinkState, error: LinkError | None) -> None:
+        if state is not LinkState.BACKING_OFF or error is None:
+            return
+        if isinstance(error, HandlerFault):
+            # A fault of ours (logged with its traceback by the link): counted, and the post
+            # reconnects rather than stops.
+            self.counters["session_errors"] += 1
+            return
+        self.counters["disconnects"] += 1
+        if isinstance(error, ConnectionDropped) and error.taken_over:
+            self._on_taken_over()
 
     def _on_refused(self, code: int) -> None:
         self.counters["refused_by_broker"] += 1
@@ -387,6 +336,9 @@ class EdgeAgent:
                        ) -> None:
         self.counters["session_taken_over"] += 1
         self._taken_over_at = time.monotonic()
+        # This connection does not prove the broker fine: fast retries would only make the two
+        # devices fight faster.
+        self.link.hold_backoff()
         self.log.error(
             "another device is using this post's credential (%s; %d time(s)): reported as fault "
             "session_taken_over", how, self.counters["session_taken_over"],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mqttlink import MqttSettings
 from protocol.settings import ConfigError, load, resolve
 from protocol.topics import valid_post_id
 
@@ -14,19 +16,6 @@ class PostSection:
     id: str = ""
     name: str = ""
     silent: bool = False  # a silent alarm: no strobe, no siren, everything else the same
-
-
-@dataclass
-class MqttSection:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str = ""  # defaults to the post id (the broker's ACL is keyed on it)
-    password: str = ""
-    keepalive_s: int = 15
-    session_expiry_s: int = 7 * 24 * 3600
-    tls_ca_file: str = ""  # set to use TLS
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
 
 
 @dataclass
@@ -71,7 +60,9 @@ class MediaSection:
 @dataclass
 class EdgeConfig:
     post: PostSection = field(default_factory=PostSection)
-    mqtt: MqttSection = field(default_factory=MqttSection)
+    # [mqtt]: mqttlink.MqttSettings. username defaults to the post id (the broker's ACL is keyed
+    # on it), client_id to "post-{id}" (a broker with use_username_as_clientid uses the user name).
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
     hardware: HardwareSection = field(default_factory=HardwareSection)
     timing: TimingSection = field(default_factory=TimingSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
@@ -85,8 +76,8 @@ class EdgeConfig:
             raise ConfigError(
                 f"[post] id {self.post.id!r} is invalid: use 1-64 letters, digits, '-' or '_'"
             )
-        if not self.mqtt.username:
-            self.mqtt.username = self.post.id
+        self.mqtt = dataclasses.replace(self.mqtt, username=self.mqtt.username or self.post.id,
+                                        client_id=self.mqtt.client_id or f"post-{self.post.id}")
         if self.hardware.backend not in {"gpio", "mock"}:
             raise ConfigError("[hardware] backend must be \"gpio\" or \"mock\"")
         if self.timing.heartbeat_s <= 0 or self.timing.ack_timeout_s <= 0 or self.outbox.retry_s <= 0:

@@ -7,7 +7,6 @@ watch it: ``{"type": "ack", "post": ..., "event_id": ...}``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -15,11 +14,26 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from firmware_sim.fleet import Fleet, SimPost
 
 log = logging.getLogger("alarmpost.sim")
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """What ``alarmpost sim`` runs (the CLI parses its arguments into this)."""
+
+    deployment: Path  # a deployment directory (``alarmpost provision init``)
+    posts: int | None = None  # only the first N posts
+    only: Sequence[str] = ()  # only these post ids
+    press_every: float = 0.0  # mean seconds between random presses; 0: none
+    control: bool = False  # read commands from stdin
+    seed: int = 1  # for the random presses
 
 
 def _emit_sent(post_id: str, event_id: str, attempt: int) -> None:
@@ -63,15 +77,15 @@ async def _control(fleet: Fleet, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def run_sim(args: argparse.Namespace) -> int:
+def run_sim(options: SimOptions) -> int:
     from provisioning.deployment import open_deployment
 
-    dep = open_deployment(args.deployment)
+    dep = open_deployment(options.deployment)
     ids = [p.id for p in dep.posts]
-    if args.only:
-        ids = [i for i in ids if i in set(args.only)]
-    if args.posts:
-        ids = ids[: args.posts]
+    if options.only:
+        ids = [i for i in ids if i in set(options.only)]
+    if options.posts:
+        ids = ids[: options.posts]
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -91,11 +105,11 @@ def run_sim(args: argparse.Namespace) -> int:
             post.agent.sent_listeners.append(partial(_emit_sent, post.post_id))
         fleet.start()
         tasks = []
-        if args.control:
+        if options.control:
             tasks.append(asyncio.create_task(_control(fleet, stop)))
-        if args.press_every > 0:
+        if options.press_every > 0:
             tasks.append(asyncio.create_task(
-                fleet.random_presses(args.press_every, random.Random(args.seed))))
+                fleet.random_presses(options.press_every, random.Random(options.seed))))
         emit(type="started", posts=len(fleet.posts))
         try:
             await fleet.wait_connected(within_s=60)

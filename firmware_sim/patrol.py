@@ -9,13 +9,18 @@ speed reporting its position, and answers pages the way it is told: accept after
 The team's device config (written by ``alarmpost patrol team add`` in a deployment) is::
 
     [team]  id, name
-    [mqtt]  host, port, password, keepalive_s, session_expiry_s
+    [mqtt]  host, port, password, keepalive_s, session_expiry_s (any key of mqttlink.MqttSettings;
+            username and client_id default to ``team-{id}``)
+
+The connection is a :class:`mqttlink.MqttLink`: it reconnects with a backoff that starts over
+after a connection that lived, and resumes the team's persistent session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -26,9 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from mqttlink import Backoff, MqttLink, MqttSettings
 from protocol.messages import (
     Page,
     PageAnswer,
@@ -42,13 +46,21 @@ from protocol.messages import (
     decode_for_team,
     encode,
 )
-from protocol.settings import load
-from protocol.topics import TeamKind, team_topic, team_user
-from protocol.transport import SOCKET_OPTIONS
+from protocol.settings import ConfigError, load
+from protocol.topics import TeamKind, team_topic, team_user, valid_team_id
 
 log = logging.getLogger("alarmpost.sim.patrol")
 
 AnswerMode = Literal["accept", "decline", "never"]
+
+
+class _TeamLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the team id."""
+
+    def process(self, msg: object, kwargs: Any) -> tuple[object, Any]:
+        return f"team {self.extra['team']}: {msg}", kwargs  # type: ignore[index]
+
+
 PageListener = Callable[[Page, float], None]
 
 
@@ -59,18 +71,20 @@ class TeamSection:
 
 
 @dataclass
-class TeamMqttSection:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    password: str = ""
-    keepalive_s: int = 15
-    session_expiry_s: int = 7 * 24 * 3600
-
-
-@dataclass
 class TeamDeviceConfig:
     team: TeamSection = field(default_factory=TeamSection)
-    mqtt: TeamMqttSection = field(default_factory=TeamMqttSection)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+
+    def validate(self) -> None:
+        if not valid_team_id(self.team.id):
+            raise ConfigError(f"[team] id {self.team.id!r} is invalid or missing: use 1-64 "
+                              "letters, digits, '-' or '_'")
+        # The team's broker account is team-{id}; the broker makes the client id the user name
+        # anyway (use_username_as_clientid): ask for that, so the id in the broker's log is the
+        # one the session is kept under.
+        user = self.mqtt.username or team_user(self.team.id)
+        self.mqtt = dataclasses.replace(self.mqtt, username=user,
+                                        client_id=self.mqtt.client_id or user)
 
 
 def load_team_config(path: Path | str) -> TeamDeviceConfig:
@@ -125,10 +139,10 @@ class SimTeam:
         self.page_listeners: list[PageListener] = []
         self.connected = asyncio.Event()
         self.current: Page | None = None  # the page the team is working on
+        self.link: MqttLink | None = None  # made by start(), one per run
         self._changed = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
         self._last_move = time.monotonic()
 
@@ -138,8 +152,15 @@ class SimTeam:
 
     # ------------------------------------------------------------------ run
     def start(self) -> asyncio.Task[None]:
-        self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name=f"team-{self.team_id}")
+        """Run the device (connected, reconnecting) until :meth:`stop`."""
+        settings = self.config.mqtt
+        if not settings.username:  # a config made in code rather than loaded
+            settings = dataclasses.replace(settings, username=self.user,
+                                           client_id=settings.client_id or self.user)
+        self.link = MqttLink(settings, self._session, will=self._will,
+                             backoff=Backoff(initial_s=0.1, cap_s=2.0),
+                             logger=_TeamLog(log, {"team": self.team_id}))
+        self._task = asyncio.create_task(self.link.run(), name=f"team-{self.team_id}")
         return self._task
 
     async def stop(self, *, say_off_duty: bool = False) -> None:
@@ -147,43 +168,24 @@ class SimTeam:
         if say_off_duty and self._client is not None:
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._publish_status("off_duty", "stopped")
-        self._stopping.set()
         for job in list(self._jobs):
             job.cancel()
+        if self.link is not None:
+            self.link.stop()
         if self._task is not None:
-            self._task.cancel()
             await asyncio.gather(self._task, *self._jobs, return_exceptions=True)
             self._task = None
         self.connected.clear()
 
-    async def _run(self) -> None:
-        delay = 0.1
-        while not self._stopping.is_set():
-            try:
-                await self._session()
-            except aiomqtt.MqttError as exc:
-                log.info("team %s: broker connection lost or refused: %s", self.team_id, exc)
-            self.connected.clear()
-            self._client = None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    async def _session(self) -> None:
-        m = self.config.mqtt
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = m.session_expiry_s
-        will = aiomqtt.Will(team_topic(self.team_id, "status"),
+    def _will(self) -> aiomqtt.Will:
+        return aiomqtt.Will(team_topic(self.team_id, "status"),
                             encode(TeamStatus(team=self.team_id, state="off_duty", ts=time.time(),
                                               reason="connection lost")), qos=1, retain=True)
-        async with aiomqtt.Client(
-            m.host, m.port, username=self.user, password=m.password or None,
-            # The broker makes a client's id its user name anyway (use_username_as_clientid):
-            # ask for that, so the id in the broker's log is the one the session is kept under.
-            identifier=self.user, protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False, properties=props, will=will, keepalive=m.keepalive_s,
-            timeout=10, socket_options=SOCKET_OPTIONS,
-        ) as client:
-            self._client = client
+
+    async def _session(self, client: aiomqtt.Client, session_present: bool) -> None:
+        """One connection's life (the link's ``on_connected``)."""
+        self._client = client
+        try:
             await client.subscribe([(team_topic(self.team_id, "page"), 1),
                                     (team_topic(self.team_id, "withdrawn"), 1)])
             await self._publish_status(self.state)
@@ -196,6 +198,9 @@ class SimTeam:
             finally:
                 mover.cancel()
                 await asyncio.gather(mover, return_exceptions=True)
+        finally:
+            self.connected.clear()
+            self._client = None
 
     # ------------------------------------------------------------------ publishing
     async def publish(self, kind: TeamKind, payload: bytes, qos: int = 1,

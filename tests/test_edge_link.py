@@ -15,7 +15,7 @@ from tests.helpers import run_posts, until
 
 
 def test_backoff_grows_to_its_cap_and_resets_only_after_a_connection_that_lived() -> None:
-    from edge.backoff import Backoff
+    from mqttlink import Backoff
 
     now = [100.0]
     backoff = Backoff(initial_s=0.2, cap_s=2.0, lived_s=3.0, jitter=0.0, clock=lambda: now[0])
@@ -83,18 +83,22 @@ async def test_a_cloned_post_is_a_reported_fault(
         assert "session_taken_over" in agent.heartbeat().faults  # reported for a while
 
 
-async def test_a_disconnect_for_session_taken_over_is_seen() -> None:
+async def test_a_disconnect_for_session_taken_over_is_seen(deployment: d.Deployment) -> None:
     """Brokers that follow MQTT 5 here (Mosquitto >= 2.0.15, EMQX, HiveMQ) send DISCONNECT 0x8E
-    to the older connection; paho hands its reason to on_disconnect, aiomqtt hides it."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.reasoncodes import ReasonCode
+    to the older connection; the link reports it as a dropped connection that was taken over
+    (tests/test_mqttlink.py reads it from paho), and the agent makes it its fault."""
+    from mqttlink import SESSION_TAKEN_OVER, ConnectionDropped, LinkState
 
-    from edge.agent import _MqttClient
-
-    client = _MqttClient("127.0.0.1")
-    seen: list[int] = []
-    client.on_taken_over = lambda: seen.append(1)
-    client._on_disconnect(None, None, None, ReasonCode(PacketTypes.DISCONNECT, "Unspecified error"))
-    assert seen == []
-    client._on_disconnect(None, None, None, ReasonCode(PacketTypes.DISCONNECT, "Session taken over"))
-    assert seen == [1]
+    post = SimPost(load_edge_config(deployment.post_config("P001")))
+    agent = post.agent
+    for state, error in [
+        (LinkState.BACKING_OFF, ConnectionDropped("connection lost", 0x80)),
+        (LinkState.CONNECTING, None),
+    ]:
+        agent._on_link_state(state, error)
+    assert agent.counters["disconnects"] == 1 and agent.counters["session_taken_over"] == 0
+    agent._on_link_state(LinkState.BACKING_OFF,
+                         ConnectionDropped("connection lost", SESSION_TAKEN_OVER))
+    assert agent.counters["disconnects"] == 2 and agent.counters["session_taken_over"] == 1
+    assert "session_taken_over" in agent.heartbeat().faults
+    post.hardware.close()

@@ -1,9 +1,9 @@
 """Reconnect backoff that starts over after a connection that lived.
 
-A connection refused or dropped at once doubles the wait (up to a cap), so a post does not hammer a
-broker that is down or refusing it. A connection that stayed up for ``lived_s`` proves the broker
-was fine: when it drops, the next outage starts again from the initial delay, instead of every
-later outage making the post wait the whole cap before its first retry.
+A connection refused or dropped at once doubles the wait (up to a cap), so a client does not
+hammer a broker that is down or refusing it. A connection that stayed up for ``lived_s`` proves
+the broker was fine: when it drops, the next outage starts again from the initial delay, instead
+of every later outage making the client wait the whole cap before its first retry.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Backoff:
         self.initial_s = initial_s
         self.cap_s = max(cap_s, initial_s)
         self.lived_s = lived_s
-        self.jitter = jitter  # each wait is the delay times 1 ± jitter (posts must not retry in step)
+        self.jitter = jitter  # each wait is the delay times 1 ± jitter (clients must not retry in step)
         self._clock = clock
         self._delay = initial_s
         self._connected_at: float | None = None
