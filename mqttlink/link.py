@@ -244,20 +244,25 @@ class MqttLink:
                       "session resumed" if client.session_present else "new session")
         self._set_state(LinkState.CONNECTED, None)
         dropped = client.dropped
-        handler = asyncio.ensure_future(self._on_connected(client, client.session_present))
-        stopper = asyncio.ensure_future(self._stopping.wait())
         try:
-            watched: list[asyncio.Future[Any]] = [handler, stopper, dropped]
-            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            handler = asyncio.ensure_future(self._on_connected(client, client.session_present))
+            stopper = asyncio.ensure_future(self._stopping.wait())
+            try:
+                watched: list[asyncio.Future[Any]] = [handler, stopper, dropped]
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+            error = self._ending(client, handler, dropped)
+            if self._stopping.is_set() and not dropped.done():
+                await self._say_goodbye(client)
+            await self._leave(client)
+        except asyncio.CancelledError:  # run() itself cancelled: leave at once, then go
+            _close_quietly(client)
+            raise
         finally:
-            stopper.cancel()
-            handler.cancel()
-            await asyncio.gather(handler, return_exceptions=True)
-        error = self._ending(client, handler, dropped)
-        if self._stopping.is_set() and not dropped.done():
-            await self._say_goodbye(client)
-        await self._leave(client)
-        self._client = None
+            self._client = None
         taken_over = isinstance(error, ConnectionDropped) and error.taken_over
         lived = self.backoff.lived
         self.backoff.disconnected(reset_if_lived=not (self._hold or taken_over))
@@ -318,6 +323,9 @@ class MqttLink:
         except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
             self.log.info("no clean disconnect: %s", exc or "timed out")
             _close_quietly(client)
+        dropped = client.dropped
+        if dropped.done() and not dropped.cancelled():
+            dropped.exception()  # a drop during the goodbye is no news: the link is leaving
 
     # ------------------------------------------------------------------ pieces
     def _make_client(self, s: MqttSettings) -> LinkClient:

@@ -238,7 +238,8 @@ async def test_a_reconnect_resumes_the_session_and_gets_what_was_queued_meanwhil
 
     async def subscribe(client: aiomqtt.Client, session_present: bool) -> None:
         sock = client._client.socket()
-        assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert isinstance(sock, socket.socket)  # TCP_NODELAY: protocol.transport.SOCKET_OPTIONS
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await client.subscribe(ack_topic, qos=1)
         first.set_result(session_present)
         await asyncio.Event().wait()
@@ -377,7 +378,7 @@ async def test_stop_returns_promptly_while_backing_off_and_while_connecting(
     task = asyncio.create_task(link.run())
     try:
         await asyncio.wait_for(accepted.wait(), 10)
-        assert link.state is LinkState.CONNECTING
+        assert link.event(LinkState.CONNECTING).is_set()
         started = time.monotonic()
         link.stop()
         await asyncio.wait_for(task, 5)
@@ -401,3 +402,25 @@ async def test_one_link_runs_once() -> None:
     assert [t.state for t in link.history] == [LinkState.STOPPED]
     with pytest.raises(RuntimeError, match="already running or has run"):
         await link.run()
+
+
+async def test_cancelling_run_closes_the_connection_at_once(deployment: d.Deployment) -> None:
+    from mqttlink._client import LinkClient
+
+    user, password = post_credentials(deployment, "P001")
+    got: asyncio.Future[aiomqtt.Client] = asyncio.get_running_loop().create_future()
+
+    async def on_connected(client: aiomqtt.Client, session_present: bool) -> None:
+        got.set_result(client)
+        await asyncio.Event().wait()
+
+    link = MqttLink(_settings(deployment, user, password), on_connected)
+    task = asyncio.create_task(link.run())
+    client = await asyncio.wait_for(got, 10)
+    assert isinstance(client, LinkClient)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert link.state is LinkState.STOPPED and link.client is None
+    done, _ = await asyncio.wait({client.dropped}, timeout=5)
+    assert done, "the connection was left open"
