@@ -21,12 +21,15 @@ Options (``KEY=VALUE``): ``modules`` (comma-separated paths; default the alarm p
 guards), ``tests`` (comma-separated test files; default those that exercise them), ``children``
 (parallel mutants, default 2), ``budget_s`` (default 1800), ``sample`` (``budget`` or ``all``),
 ``seed`` (of the sample, default 1), ``keep`` (1: keep the scratch copy and print where),
-``target`` (score to meet on the alarm-path modules, 0.9).
+``target`` (score to meet on the alarm-path modules, 0.9), ``test_cap_s`` (seconds of tests
+kept for each function, fastest first and fixtures included, default :data:`TEST_CAP_S`; 0 for
+every test that reaches it).
 
 JSON: ``mutants`` (generated), ``checked``, ``killed``, ``survived``, ``timeout``, ``no_tests``,
 ``equivalent``, ``score`` (killed / (checked - equivalent)), ``alarm_path_score``,
 ``per_module`` (the same per module), ``critical_checked``, ``sampled``, ``survivors`` (names of
-the unexplained survivors), ``elapsed_s``, ``complete`` (false if the budget cut a phase short).
+the unexplained survivors), ``elapsed_s``, ``complete`` (false if the budget cut a phase short),
+``test_cap_s`` and ``tests_left_out`` (function-test pairs beyond the cap).
 """
 
 from __future__ import annotations
@@ -54,10 +57,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENTS_FILE = Path(__file__).with_name("mutation_equivalents.toml")
 
 # The alarm path: a press on the post to the ACK back, and the codecs in between.
-ALARM_PATH = ("edge/agent.py", "edge/outbox.py", "server/app.py", "server/storage.py",
+ALARM_PATH = ("edge/agent.py", "edge/outbox.py", "server/app.py", "server/storage/incidents.py",
               "protocol/messages.py", "protocol/topics.py")
 # The guards: sessions, permissions, login limits, the same-origin/CSRF check.
-GUARDS = ("server/console/auth.py", "server/webutil.py")
+GUARDS = ("server/web/auth.py", "server/web/http.py")
 DEFAULT_MODULES = ALARM_PATH + GUARDS
 
 # Functions of those modules that are neither on the alarm path nor a guard: the video intercom
@@ -67,8 +70,7 @@ DEFAULT_MODULES = ALARM_PATH + GUARDS
 OUT_OF_SCOPE: dict[str, frozenset[str]] = {
     "edge/agent.py": frozenset({
         "_PostLog.process", "EdgeAgent._spawn_call_task", "EdgeAgent._call_done",
-        "EdgeAgent._publish_call", "EdgeAgent._on_command", "EdgeAgent.apply_command",
-        "EdgeAgent._arm_siren_timeout", "EdgeAgent._siren_timeout",
+        "EdgeAgent._publish_call", "EdgeAgent._arm_siren_timeout", "EdgeAgent._siren_timeout",
     }),
     "server/app.py": frozenset({
         "load_registry", "CentralServer.reload_registry", "CentralServer._setup_metrics",
@@ -76,25 +78,28 @@ OUT_OF_SCOPE: dict[str, frozenset[str]] = {
         "CentralServer._flush_loop", "CentralServer.transition", "CentralServer._reported_faults",
         "CentralServer._clone_check", "_topic_kind",
     }),
-    "server/storage.py": frozenset({
-        "SqliteStorage.posts", "SqliteStorage.post", "SqliteStorage.incidents",
-        "SqliteStorage.incident", "SqliteStorage.events", "SqliteStorage.faults",
-        "SqliteStorage.audit", "SqliteStorage.set_test_mode", "SqliteStorage.in_test_mode",
-        "SqliteStorage.upsert_posts", "SqliteStorage.save_live", "_post_row",
+    # The alarm path's store: committing events (and their sequence checks); the incident
+    # lifecycle and the console's reads have tests of their own (tests/test_incidents.py,
+    # tests/test_storage.py).
+    "server/storage/incidents.py": frozenset({
+        "IncidentStore.transition", "IncidentStore.note", "IncidentStore.resolve_idle",
+        "IncidentStore.state", "IncidentStore.audit", "IncidentStore.recent", "IncidentStore.get",
+        "IncidentStore.first_event", "IncidentStore.active_not_in_dispatch",
+        "IncidentStore.events", "IncidentStore.open_count", "IncidentStore.summary",
     }),
-    "server/console/auth.py": frozenset({
+    "server/web/auth.py": frozenset({
         "Accounts.users", "Accounts.count", "Accounts.add_user", "Accounts.add_user_hashed",
         "Accounts._keeps_an_admin", "Accounts.set_role", "Accounts.set_disabled",
         "Accounts.set_password_hashed", "Accounts.audit", "Accounts.audit_log",
-        "LoginLimiter.size",
+        "LoginLimiter.size", "login_refused",
     }),
     # The guards here are the same-origin and CSRF checks and the secret comparison; the input
     # bounds (JSON depth and size, parameters, header deadline) are guarded by the fuzz tests.
-    "server/webutil.py": frozenset({
-        "error", "refuse", "bad_input", "DeadlineServer.__init__", "DeadlineServer.__call__",
-        "DeadlineAppRunner.__init__", "DeadlineAppRunner._make_server", "_float",
-        "_int", "_constant", "parse_json", "_read_at_most", "json_body", "query_int", "query_str",
-        "str_field", "BadInput.__init__", "DeadlineRequestHandler.connection_made",
+    "server/web/http.py": frozenset({
+        "error", "refuse", "bad_input", "run_handler", "DeadlineServer.__init__",
+        "DeadlineServer.__call__", "DeadlineAppRunner.__init__", "DeadlineAppRunner._make_server",
+        "_float", "_int", "_constant", "parse_json", "_read_at_most", "json_body", "query_int",
+        "query_str", "str_field", "BadInput.__init__", "DeadlineRequestHandler.connection_made",
         "DeadlineRequestHandler._arm", "DeadlineRequestHandler._disarm",
         "DeadlineRequestHandler.data_received", "DeadlineRequestHandler.connection_lost",
         "DeadlineRequestHandler._expired",
@@ -105,6 +110,9 @@ OUT_OF_SCOPE: dict[str, frozenset[str]] = {
 # (tests/test_failures.py), broker-outage and patrol-app tests: each takes seconds of waiting,
 # and a surviving mutant runs every test that reaches its function.
 DEFAULT_TESTS = (
+    # Millisecond tests of the alarm path's own logic and of the guards: for most mutants the
+    # first tests that run (the fastest first), and the ones that kill them.
+    "tests/test_fast_agent.py", "tests/test_fast_ingest.py", "tests/test_fast_guards.py",
     "tests/test_promises.py", "tests/test_alarm_path.py", "tests/test_security.py",
     "tests/test_protocol.py", "tests/test_edge_units.py", "tests/test_server_units.py",
     "tests/test_incidents.py", "tests/test_route_permissions.py", "tests/test_console_auth.py",
@@ -114,6 +122,8 @@ DEFAULT_TESTS = (
 # Tests deselected within those files: fuzzing (thousands of inputs; it guards robustness, and
 # would cost minutes for every mutant of every function it touches) and the slowest waits.
 DESELECT = "not garbage and not fuzz and not slow_it_down and not trickling and not poison"
+# Seconds of tests (fastest first, fixtures included) kept for each function's mutants.
+TEST_CAP_S = 20.0
 
 # mutmut's exit codes per mutant (mutmut.stats.status_by_exit_code).
 _STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no_tests", 33: "no_tests",
@@ -129,16 +139,15 @@ _METRIC_DEFS = {"counter", "gauge", "histogram"}
 # The rest of the modules' mutants are sampled (seeded) to fill what is left of the budget.
 CRITICAL: dict[str, tuple[str, ...]] = {
     "edge/agent.py": ("EdgeAgent._on_press", "EdgeAgent._output", "EdgeAgent._sender",
-                      "EdgeAgent._on_ack", "EdgeAgent._client_args", "EdgeAgent._resend_all_now",
-                      "EdgeAgent._backoff"),
+                      "EdgeAgent._on_ack", "EdgeAgent._resend_all_now", "EdgeAgent._backoff"),
     "edge/outbox.py": ("Outbox.add", "Outbox.remove", "Outbox.pending"),
     "server/app.py": ("CentralServer._committer", "CentralServer._send_acks",
                       "CentralServer._handle", "CentralServer.handle"),
-    "server/storage.py": ("SqliteStorage.commit_events", "SqliteStorage.__init__"),
+    "server/storage/incidents.py": ("IncidentStore.commit_events",),
     "protocol/messages.py": ("_decode", "decode_from_post", "decode_from_server", "check_bounds"),
-    "server/console/auth.py": ("User.may", "Accounts.session", "Accounts.create_session",
-                               "LoginLimiter.begin", "LoginLimiter.attempt"),
-    "server/webutil.py": ("same_origin", "forgery_refusal", "same_secret"),
+    "server/web/auth.py": ("User.may", "Accounts.session", "Accounts.create_session",
+                           "LoginLimiter.begin", "LoginLimiter.attempt"),
+    "server/web/http.py": ("same_origin", "forgery_refusal", "same_secret"),
 }
 
 
@@ -247,16 +256,80 @@ def _copy_tree(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
+# Loaded into every pytest run in the scratch copy (``-p tests._mutation_selection``); it acts
+# only in mutmut's stats pass, where mutmut records which tests reach which function and how
+# long each test takes:
+# - a test's time includes its fixtures (mutmut counts only the test's body, so a test whose
+#   broker and server take a second to start would pass for a fast one and be run first);
+# - each function keeps its tests fastest first up to ``ALARMPOST_MUTATION_TEST_CAP_S`` seconds
+#   (0: all): a mutant that survives runs every test kept for its function, and for the agent's
+#   and the server's hot functions that was 50-100 real-broker tests, over a minute a mutant.
+_SELECTION_PLUGIN = """\
+import json
+import os
+
+import pytest
+
+
+def _stats():
+    try:
+        from mutmut.mutation.trampoline import get_mutant_under_test
+        from mutmut.state import state
+    except ImportError:
+        return None
+    return state() if get_mutant_under_test() == "stats" else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    yield
+    stats = _stats()
+    if stats is not None and call.when in ("setup", "teardown") \\
+            and item.nodeid in stats.duration_by_test:
+        stats.duration_by_test[item.nodeid] += call.duration
+
+
+def pytest_sessionfinish(session):
+    stats = _stats()
+    cap = float(os.environ.get("ALARMPOST_MUTATION_TEST_CAP_S", "0") or 0)
+    if stats is None or cap <= 0:
+        return
+    duration = stats.duration_by_test
+    dropped = 0
+    for function, tests in stats.tests_by_mangled_function_name.items():
+        total, keep = 0.0, set()
+        for test in sorted(tests, key=lambda name: (duration.get(name, 0.0), name)):
+            total += duration.get(test, 0.0)
+            if keep and total > cap:
+                break
+            keep.add(test)
+        dropped += len(tests) - len(keep)
+        tests.intersection_update(keep)
+    with open(os.environ["ALARMPOST_MUTATION_SELECTION"], "w") as out:
+        json.dump({"cap_s": cap, "dropped": dropped}, out)
+"""
+
+
+def _packages(dest: Path) -> list[str]:
+    """The top-level packages of the copy: all of them go under mutants/, so that the tests
+    import every package from the scratch copy (not the editable install's working tree,
+    which others may be changing while the run goes on)."""
+    return sorted(p.name for p in dest.iterdir() if (p / "__init__.py").is_file()
+                  and p.name != "tests")
+
+
 def _write_config(dest: Path, modules: list[str], tests: list[str]) -> None:
     pyproject = dest / "pyproject.toml"
     text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject.read_text())
-    sources = sorted({m.split("/")[0] for m in modules})
+    sources = sorted({m.split("/")[0] for m in modules} | set(_packages(dest)))
+    (dest / "tests" / "_mutation_selection.py").write_text(_SELECTION_PLUGIN)
     text += "\n[tool.mutmut]\n" + "\n".join([
         f"source_paths = {json.dumps(sources)}",
         f"only_mutate = {json.dumps(modules)}",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         'also_copy = ["docs", "README.md"]',  # tests check the docs' examples and tables
-        f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-k", "{DESELECT}"]',
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests._mutation_selection", '
+        f'"-q", "-k", "{DESELECT}"]',
         "timeout_multiplier = 5.0",
         "timeout_constant = 20.0",
     ]) + "\n"
@@ -365,7 +438,8 @@ def _run_mutmut(workdir: Path, env: dict[str, str], names: list[str], children: 
 
 
 def main(as_json: bool, options: dict[str, str]) -> int:
-    known = {"modules", "tests", "children", "budget_s", "keep", "target", "sample", "seed"}
+    known = {"modules", "tests", "children", "budget_s", "keep", "target", "sample", "seed",
+             "test_cap_s"}
     unknown = set(options) - known
     if unknown:
         print(f"alarmpost bench mutation: unknown option(s) {sorted(unknown)}; "
@@ -379,6 +453,7 @@ def main(as_json: bool, options: dict[str, str]) -> int:
         budget = float(options.get("budget_s", "1800"))
         target = float(options.get("target", "0.9"))
         seed = int(options.get("seed", "1"))
+        test_cap = float(options.get("test_cap_s", str(TEST_CAP_S)))
         sample_all = options.get("sample", "budget") == "all"
         if options.get("sample", "budget") not in ("budget", "all"):
             raise ValueError("sample is 'budget' (default) or 'all'")
@@ -411,7 +486,15 @@ def main(as_json: bool, options: dict[str, str]) -> int:
               f"in {workdir}", file=sys.stderr)
         log_path = workdir / "mutmut.log"
         (workdir / "tmp").mkdir()
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(workdir / "tmp")}
+        # mutants/ made before mutmut starts: a path on PYTHONPATH that does not exist when
+        # Python starts is remembered as empty, and nothing would be imported from it.
+        (workdir / "mutants").mkdir()
+        selection = workdir / "selection.json"
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(workdir / "tmp"),
+               # processes the tests start (the server, the simulator) import the copy too
+               "PYTHONPATH": str(workdir / "mutants"),
+               "ALARMPOST_MUTATION_TEST_CAP_S": str(test_cap),
+               "ALARMPOST_MUTATION_SELECTION": str(selection)}
         deadline = started + budget
         # 1. Every mutant of the critical functions (this also records which tests reach which
         # function, once for both phases).
@@ -452,6 +535,9 @@ def main(as_json: bool, options: dict[str, str]) -> int:
         result["complete"] = complete
         result["sample"] = "all" if sample_all else "budget"
         result["elapsed_s"] = round(time.monotonic() - started, 1)
+        result["test_cap_s"] = test_cap
+        if selection.exists():
+            result["tests_left_out"] = json.loads(selection.read_text()).get("dropped", 0)
         result["children"] = children
     finally:
         if options.get("keep") == "1":

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import fnmatch
+import json
+import tomllib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from bench.mutation import mark_unmutated, mutant_pattern, tally, unmutated_lines
 
@@ -69,3 +75,80 @@ def test_the_score_counts_checked_mutants_less_the_equivalent_ones() -> None:
     assert (row["mutants"], row["checked"], row["equivalent"]) == (6, 5, 1)
     assert row["score"] == round(2 / 4, 4)
     assert tally({"a": "not_checked"}, {})["score"] is None
+
+
+def test_the_copy_imports_every_package_from_itself_and_loads_the_selection_plugin(
+        tmp_path: Path) -> None:
+    from bench.mutation import _write_config
+
+    for package in ("edge", "server", "provisioning", "mqttlink"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "__init__.py").write_text("")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.mutmut]\nold = 1\n')
+    _write_config(tmp_path, ["edge/agent.py"], ["tests/test_fast_agent.py"])
+    config = tomllib.loads((tmp_path / "pyproject.toml").read_text())["tool"]["mutmut"]
+    assert config["source_paths"] == ["edge", "mqttlink", "provisioning", "server"]
+    assert config["only_mutate"] == ["edge/agent.py"] and "old" not in config
+    args = config["pytest_add_cli_args"]
+    assert args[args.index("tests._mutation_selection") - 1] == "-p"
+    assert (tmp_path / "tests" / "_mutation_selection.py").is_file()
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.duration_by_test = {"fast_a": 0.01, "fast_b": 0.02, "broker_a": 3.0,
+                                 "broker_b": 9.0, "broker_c": 30.0}
+        self.tests_by_mangled_function_name = {
+            "f": {"fast_a", "fast_b", "broker_a", "broker_b", "broker_c"},
+            "g": {"broker_c"},  # only a slow test reaches it: it keeps that one
+        }
+
+
+def _plugin(stats: _Stats) -> dict[str, Any]:
+    from bench.mutation import _SELECTION_PLUGIN
+
+    namespace: dict[str, Any] = {}
+    exec(compile(_SELECTION_PLUGIN, "_mutation_selection.py", "exec"), namespace)
+    namespace["_stats"] = lambda: stats
+    return namespace
+
+
+def test_each_function_keeps_its_fastest_tests_up_to_the_cap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stats = _Stats()
+    plugin = _plugin(stats)
+    monkeypatch.setenv("ALARMPOST_MUTATION_TEST_CAP_S", "5")
+    monkeypatch.setenv("ALARMPOST_MUTATION_SELECTION", str(tmp_path / "selection.json"))
+    plugin["pytest_sessionfinish"](None)
+    assert stats.tests_by_mangled_function_name == {
+        "f": {"fast_a", "fast_b", "broker_a"}, "g": {"broker_c"}}
+    assert json.loads((tmp_path / "selection.json").read_text()) == {"cap_s": 5.0, "dropped": 2}
+
+
+def test_without_a_cap_every_test_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    stats = _Stats()
+    monkeypatch.setenv("ALARMPOST_MUTATION_TEST_CAP_S", "0")
+    _plugin(stats)["pytest_sessionfinish"](None)
+    assert len(stats.tests_by_mangled_function_name["f"]) == 5
+
+
+def test_a_tests_time_includes_its_fixtures() -> None:
+    stats = _Stats()
+    hook = _plugin(stats)["pytest_runtest_makereport"]
+
+    class Item:
+        nodeid = "broker_a"
+
+    class Call:
+        def __init__(self, when: str, duration: float) -> None:
+            self.when, self.duration = when, duration
+
+    for when, duration in (("setup", 0.5), ("call", 7.0), ("teardown", 0.25)):
+        wrapper = hook(Item(), Call(when, duration))
+        next(wrapper)
+        with contextlib.suppress(StopIteration):
+            wrapper.send(None)
+    assert stats.duration_by_test["broker_a"] == 3.75  # the body is mutmut's own count
