@@ -32,9 +32,8 @@ import tomllib
 from pathlib import Path
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from mqttlink import Backoff, LinkError, LinkState, MqttLink
 from protocol.messages import (
     Ack,
     CallSignal,
@@ -59,7 +58,6 @@ from protocol.topics import (
     team_subscription,
     valid_post_id,
 )
-from protocol.transport import SOCKET_OPTIONS
 from server.bus import (
     Bus,
     EventJoined,
@@ -143,6 +141,11 @@ class CentralServer:
         self._stopping = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._ack_tasks: set[asyncio.Task[None]] = set()
+        # One broker connection, kept up (reconnect, backoff, resumed persistent session).
+        self.link = MqttLink(config.mqtt, self._session, will=self._will,
+                             before_disconnect=self._say_offline, max_inflight_messages=1000,
+                             backoff=Backoff(initial_s=0.2, cap_s=5.0), logger=log)
+        self.link.state_listeners.append(self._on_link_state)
         self._setup_metrics()
         console = config.console
         self.commands = CommandTracker(self.storage.commands, self.bus, console.command_timeout_s,
@@ -179,6 +182,8 @@ class CentralServer:
     def _setup_metrics(self) -> None:
         m = self.metrics
         m.counter("messages_in_total", "MQTT messages received, by kind")
+        m.counter("mqtt_link_transitions_total",
+                  "The broker connection's state changes, by state entered")
         m.counter("rejected_total", "Messages rejected, by reason")
         m.counter("events_committed_total", "Alarm events committed (first time)")
         m.counter("events_duplicate_total", "Resent events already committed (ACKed again)")
@@ -260,25 +265,14 @@ class CentralServer:
         ]
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        delay = 0.2
+        stopper = asyncio.create_task(self._stop_link_when_asked())
         try:
-            while not self._stopping.is_set():
-                try:
-                    await self._session()
-                    delay = 0.2
-                except aiomqtt.MqttError as exc:
-                    self.ready.clear()
-                    log.warning("broker connection lost or refused: %s; retrying in %.1f s",
-                                exc, delay)
-                if self._stopping.is_set():
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, 5.0)
+            await self.link.run()
         finally:
+            stopper.cancel()
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(stopper, *background, return_exceptions=True)
             for live in self.live.values():
                 if live.deadline:
                     live.deadline.cancel()
@@ -288,6 +282,10 @@ class CentralServer:
             self.storage.close()
             log.info("server stopped")
 
+    async def _stop_link_when_asked(self) -> None:
+        await self._stopping.wait()
+        self.link.stop()
+
     def _on_sighup(self) -> None:
         try:
             self.reload_registry()
@@ -295,29 +293,28 @@ class CentralServer:
             log.error("registry not reloaded: %s", exc)
         self.dispatcher.reload_teams()
 
-    async def _session(self) -> None:
-        m = self.config.mqtt
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = m.session_expiry_s
-        will = aiomqtt.Will(
-            server_status_topic(), encode(ServerStatus(state="offline", ts=time.time())),
-            qos=1, retain=True,
-        )
-        tls = None
-        if m.tls_ca_file:
-            import ssl
+    def _will(self) -> aiomqtt.Will:
+        return aiomqtt.Will(server_status_topic(),
+                            encode(ServerStatus(state="offline", ts=time.time())),
+                            qos=1, retain=True)
 
-            tls = ssl.create_default_context(cafile=m.tls_ca_file)
-            if m.tls_cert_file:
-                tls.load_cert_chain(m.tls_cert_file, m.tls_key_file or None)
-        async with aiomqtt.Client(
-            m.host, m.port, username=m.username, password=m.password or None,
-            identifier=m.client_id, protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
-            properties=props, will=will, keepalive=m.keepalive_s, tls_context=tls, timeout=10,
-            max_inflight_messages=1000,
-            socket_options=SOCKET_OPTIONS,
-        ) as client:
-            self._client = client
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """A clean stop sends no Last Will: say "offline" ourselves, once the ACKs are out."""
+        if self._ack_tasks:
+            await asyncio.gather(*self._ack_tasks, return_exceptions=True)
+        await client.publish(server_status_topic(),
+                             encode(ServerStatus(state="offline", ts=time.time())),
+                             qos=1, retain=True)
+
+    def _on_link_state(self, state: LinkState, error: LinkError | None) -> None:
+        self.metrics.inc("mqtt_link_transitions_total", state=state.value)
+        if state is not LinkState.CONNECTED:
+            self.ready.clear()
+
+    async def _session(self, client: aiomqtt.Client, session_present: bool) -> None:
+        """One broker connection: subscribe, say "online", read and commit until it drops."""
+        self._client = client
+        try:
             await client.subscribe([
                 (post_subscription("event"), 1),
                 (post_subscription("status"), 1),
@@ -331,29 +328,25 @@ class CentralServer:
             await client.publish(server_status_topic(),
                                  encode(ServerStatus(state="online", ts=time.time())),
                                  qos=1, retain=True)
-            log.info("connected to broker %s:%d as %s", m.host, m.port, m.username)
+            log.info("connected to broker %s (session %s)", self.link.settings.describe(),
+                     "resumed" if session_present else "new")
             self.ready.set()
             self.dispatcher.on_connected(client)
             tasks = [asyncio.create_task(self._reader(client)),
                      asyncio.create_task(self._committer(client))]
-            stopper = asyncio.create_task(self._stopping.wait())
             try:
-                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in [*tasks, stopper]:
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, stopper, return_exceptions=True)
-                self._client = None
-                self.dispatcher.on_connected(None)
+                await asyncio.gather(*tasks, return_exceptions=True)
             for task in done:
-                if task is not stopper and task.exception() is not None:
+                if task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            if self._ack_tasks:
-                await asyncio.gather(*self._ack_tasks, return_exceptions=True)
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.publish(server_status_topic(),
-                                     encode(ServerStatus(state="offline", ts=time.time())),
-                                     qos=1, retain=True)
+        finally:
+            self.ready.clear()
+            self._client = None
+            self.dispatcher.on_connected(None)
 
     # ------------------------------------------------------------------ ingest
     async def _reader(self, client: aiomqtt.Client) -> None:

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mqttlink import MqttSettings
 from protocol.settings import ConfigError, load, resolve
 
-
-@dataclass
-class MqttSection:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str = "server"
-    password: str = ""
-    # What the server asks for. A broker with use_username_as_clientid (the generated one) makes
-    # every client's id its user name, so the server's persistent session is kept under
-    # ``username``: each server instance needs its own account (server, server-1, ...).
-    client_id: str = "alarmpost-server"
-    session_expiry_s: int = 7 * 24 * 3600
-    keepalive_s: int = 15
-    tls_ca_file: str = ""  # set to use TLS to the broker
-    tls_cert_file: str = ""  # client certificate, for a broker with require_certificate
-    tls_key_file: str = ""
+SERVER_USER = "server"
+SERVER_CLIENT_ID = "alarmpost-server"
 
 
 @dataclass
@@ -110,7 +98,12 @@ class PatrolAppSection:
 
 @dataclass
 class ServerConfig:
-    mqtt: MqttSection = field(default_factory=MqttSection)
+    # [mqtt]: mqttlink.MqttSettings. username defaults to "server" and client_id to
+    # "alarmpost-server". A broker with use_username_as_clientid (the generated one) makes every
+    # client's id its user name, so the server's persistent session is kept under ``username``:
+    # each server instance needs its own account (server, server-1, ...).
+    mqtt: MqttSettings = field(default_factory=lambda: MqttSettings(
+        username=SERVER_USER, client_id=SERVER_CLIENT_ID))
     database: DatabaseSection = field(default_factory=DatabaseSection)
     http: HttpSection = field(default_factory=HttpSection)
     registry: RegistrySection = field(default_factory=RegistrySection)
@@ -122,6 +115,8 @@ class ServerConfig:
     source: Path | None = None
 
     def validate(self) -> None:
+        self.mqtt = dataclasses.replace(self.mqtt, username=self.mqtt.username or SERVER_USER,
+                                        client_id=self.mqtt.client_id or SERVER_CLIENT_ID)
         if not self.http.api_token:
             raise ConfigError(
                 "[http] api_token is empty: every HTTP endpoint needs a token. Set one in the "
