@@ -33,6 +33,8 @@ from protocol.messages import (
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
+from server.config import load_server_config
+from server.storage import DatabaseError, IntegrityError, open_database
 from server.web.auth import Accounts
 from tests.helpers import (
     MakeDeployment,
@@ -53,7 +55,8 @@ class AckAuditor:
 
     def __init__(self, dep: d.Deployment) -> None:
         user, password = monitor_credentials(dep)
-        self.db = sqlite3.connect(dep.directory / "server.db", check_same_thread=False)
+        # Its own connection, read-only, on whichever backend the server uses.
+        self.db = open_database(load_server_config(dep.server_config).database, read_only=True)
         self.acks: list[tuple[str, str, bool]] = []  # (post, event id, committed when seen)
         self._cond = threading.Condition()
         self._subscribed = False
@@ -80,9 +83,9 @@ class AckAuditor:
         post_id = message.topic.split("/")[3]
         ack = decode_from_server(message.topic, message.payload, post_id)
         assert isinstance(ack, Ack)
-        committed = self.db.execute(
-            "SELECT COUNT(*) FROM events WHERE id=? AND post_id=?", (ack.event_id, ack.post)
-        ).fetchone()[0] == 1
+        committed = self.db.value(
+            "SELECT count(*) AS n FROM events WHERE id=? AND post_id=?", (ack.event_id, ack.post)
+        ) == 1
         with self._cond:
             self.acks.append((ack.post, ack.event_id, committed))
             self._cond.notify_all()
@@ -97,7 +100,7 @@ def slow_commits(server: CentralServer, delay_s: float, fail_first: int = 0) -> 
     """Make the server's commits take ``delay_s`` (the event loop is blocked meanwhile, as in a
     slow fsync) and let the first ``fail_first`` raise as a full disk would. Returns a list that
     grows by the batch size of every commit that went through."""
-    real = server.storage.commit_events
+    real = server.storage.incidents.commit_events
     done: list[int] = []
     failures = [fail_first]
 
@@ -105,12 +108,12 @@ def slow_commits(server: CentralServer, delay_s: float, fail_first: int = 0) -> 
         time.sleep(delay_s)
         if failures[0] > 0:
             failures[0] -= 1
-            raise sqlite3.OperationalError("database or disk is full")
+            raise DatabaseError("database or disk is full")
         result = real(batch)
         done.append(len(batch))
         return result
 
-    server.storage.commit_events = commit  # type: ignore[method-assign]
+    server.storage.incidents.commit_events = commit  # type: ignore[method-assign]
     return done
 
 
@@ -167,11 +170,17 @@ def _pragma(conn: Any, name: str) -> Any:
 async def test_server_database_and_post_outbox_are_durable(
     deployment: d.Deployment, server: CentralServer
 ) -> None:
-    """Promise: a committed event survives a power cut: WAL with synchronous=FULL (2) on the
-    server's own connection and on the post's outbox, also after the outbox deletes an entry."""
-    db = server.storage.db  # type: ignore[attr-defined]
-    assert str(_pragma(db, "journal_mode")).lower() == "wal"
-    assert _pragma(db, "synchronous") == 2
+    """Promise: a committed event survives a power cut: on the server's own connection WAL with
+    synchronous=FULL (SQLite) or synchronous_commit on (PostgreSQL), and WAL with synchronous=FULL
+    on the post's outbox, also after the outbox deletes an entry."""
+
+    def server_durable() -> bool:
+        settings = server.storage.db.settings()
+        if server.storage.backend == "sqlite":
+            return settings["journal_mode"] == "wal" and settings["synchronous"] == "2"
+        return settings["synchronous_commit"] == "on" and settings["fsync"] == "on"
+
+    assert server_durable()
     async with run_posts(deployment, "P001") as posts:
         outbox = posts["P001"].agent.outbox
         assert str(_pragma(outbox._db, "journal_mode")).lower() == "wal"
@@ -179,7 +188,7 @@ async def test_server_database_and_post_outbox_are_durable(
         await posts["P001"].press()
         await until(lambda: posts["P001"].agent.outbox_depth == 0, 5, "ACK")
         assert _pragma(outbox._db, "synchronous") == 2  # the delete left it as it was
-    assert _pragma(db, "synchronous") == 2
+    assert server_durable()
 
 
 async def test_strobe_and_siren_are_on_before_the_outbox_is_written(
@@ -325,27 +334,32 @@ async def test_every_audit_table_refuses_update_and_delete(
     async with run_posts(deployment, "P001") as posts:
         await posts["P001"].press()
         await until(lambda: posts["P001"].agent.outbox_depth == 0, 5, "ACK")
-    Accounts(server.storage.db).add_user(  # type: ignore[attr-defined]
+    Accounts(server.storage.accounts).add_user(
         "alice", "admin", "correct horse battery", actor="test")  # a console audit row
-    conn = sqlite3.connect(deployment.directory / "server.db")
+    # Its own connection to the server's database, on whichever backend the server uses.
+    db = open_database(load_server_config(deployment.server_config).database)
     try:
-        tables = {r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '%audit%'")}
+        if db.backend == "sqlite":
+            found = db.query("SELECT name FROM sqlite_master WHERE type='table' "
+                             "AND name LIKE '%audit%'")
+        else:
+            found = db.query("SELECT tablename AS name FROM pg_tables WHERE schemaname='public' "
+                             "AND tablename LIKE '%audit%'")
+        tables = {r["name"] for r in found}
         assert tables == set(AUDIT_TABLES), "a new audit table must be listed (and tested) here"
         for table in AUDIT_TABLES:
-            (count,) = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+            count = db.value(f"SELECT count(*) AS n FROM {table}")
             assert count >= 1, f"{table} has no row to try on"
             for sql in (f"UPDATE {table} SET actor='forger'", f"DELETE FROM {table}"):
                 try:
-                    conn.execute(sql)
-                except sqlite3.IntegrityError as exc:
+                    db.execute(sql)
+                except IntegrityError as exc:
                     assert "append-only" in str(exc)
                 else:
                     raise AssertionError(f"{sql!r} was allowed")
-                conn.rollback()
-            assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (count,)
+            assert db.value(f"SELECT count(*) AS n FROM {table}") == count
     finally:
-        conn.close()
+        db.close()
 
 
 def _heartbeat(post_id: str, interval_s: float) -> bytes:
