@@ -6,6 +6,7 @@ What runs:
   ACL files, a server config with a fresh API token, a post registry and one config per post;
 * Mosquitto for that deployment, as its own process;
 * ``alarmpost server`` as a child process (its log in ``server.log`` in the deployment);
+  both started, waited for and stopped by the process harness (:mod:`alarmpost_cli.harness`);
 * the simulated fleet in this process: one real :class:`edge.agent.EdgeAgent` per post on gpiozero
   mock pins (:mod:`firmware_sim.fleet`), pressed at random by :meth:`Fleet.random_presses`.
 
@@ -30,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +41,9 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from alarmpost_cli.harness import Mosquitto, ServerError, ServerProcess, find_mosquitto
 from protocol.settings import ConfigError
 from provisioning import deployment as d
-from provisioning.broker import Mosquitto, die_with_parent, find_mosquitto
 
 log = logging.getLogger("alarmpost.demo")
 
@@ -154,7 +154,7 @@ class Demo:
         self.out: TextIO = sys.stderr if self.headless else sys.stdout
         self.dep: d.Deployment | None = None
         self.broker: Mosquitto | None = None
-        self.server: subprocess.Popen[bytes] | None = None
+        self.server: ServerProcess | None = None
         self.fleet: Any = None  # firmware_sim.fleet.Fleet, imported late
         self.teams: list[Any] = []  # firmware_sim.patrol.SimTeam: five patrol cars
         self.record = FleetRecord()
@@ -239,7 +239,7 @@ class Demo:
             hardware_backend="mock",
             auto_resolve_s=AUTO_RESOLVE_S,
         )
-        from server.console.users import create_demo_user
+        from server.web.users import create_demo_user
 
         self.console_login = create_demo_user(self.dep.server_config)
         from alarmpost_cli.patrol import provision_demo_teams
@@ -247,7 +247,7 @@ class Demo:
         provision_demo_teams(self.dep)  # five patrol teams with broker accounts
         self._setup_logging()
         self._intro()
-        self.broker = self.dep.mosquitto()
+        self.broker = Mosquitto.for_deployment(self.dep)
         self.broker.start()
         self.say(f"broker: mosquitto on 127.0.0.1:{self.dep.broker_port} "
                  f"(log {self.broker.log_path})")
@@ -289,7 +289,7 @@ class Demo:
 
     def _hard_exit(self) -> None:
         """Second Ctrl-C: kill the children, tidy up, exit now."""
-        if self.server is not None and self.server.poll() is None:
+        if self.server is not None:
             self.server.kill()
         if self.broker is not None:
             self.broker.kill()
@@ -367,18 +367,13 @@ class Demo:
 
     def _start_server(self) -> None:
         assert self.dep is not None
-        with self.server_log.open("ab") as log_file:
-            self.server = subprocess.Popen(
-                [sys.executable, "-m", "alarmpost_cli.main", "server",
-                 "--config", str(self.dep.server_config)],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                start_new_session=True,  # Ctrl-C reaches the demo only: it stops things in order
-                preexec_fn=die_with_parent(),
-            )
+        # In a session of its own: Ctrl-C reaches the demo only, and it stops things in order.
+        self.server = ServerProcess.for_deployment(self.dep, self.server_log)
+        self.server.start()
         self.say(f"server: started (pid {self.server.pid}), log {self.server_log}")
 
     def _check_children(self) -> None:
-        if self.server is not None and self.server.poll() is not None:
+        if self.server is not None and self.server.returncode is not None:
             raise DemoError(
                 f"the server exited with code {self.server.returncode}; "
                 f"its log:\n{self._tail(self.server_log)}"
@@ -395,22 +390,13 @@ class Demo:
         return "\n".join("  " + line for line in text[-lines:])
 
     async def _server_ready(self) -> bool:
-        assert self.http is not None
-        deadline = time.monotonic() + SERVER_READY_S
-        while time.monotonic() < deadline:
-            self._check_children()
-            try:
-                async with self.http.get("/healthz") as resp:
-                    if resp.status == 200 and (await resp.json()).get("ok") is True:
-                        return True
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                pass
-            if await self._sleep(0.1):
-                return False
-        raise DemoError(
-            f"the server did not become ready within {SERVER_READY_S:.0f} s; its log:\n"
-            f"{self._tail(self.server_log)}"
-        )
+        """True once the server answers /healthz; False if a stop was asked first."""
+        assert self.server is not None
+        try:
+            return await self._wait(
+                self.server.wait_ready(SERVER_READY_S, check=self._check_children))
+        except ServerError as exc:
+            raise DemoError(str(exc)) from None
 
     async def _startup(self) -> bool:
         """Server ready, fleet connected, presses started. False if stopped meanwhile."""
@@ -729,34 +715,29 @@ class Demo:
         self.fleet = None
 
     async def _stop_server(self) -> None:
-        proc = self.server
-        if proc is None:
+        server = self.server
+        if server is None:
             return
-        if proc.poll() is None:
+        if server.running:
             self.say("stopping the server...")
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, STOP_SERVER_S)
-            except subprocess.TimeoutExpired:
-                self.say(f"the server did not stop within {STOP_SERVER_S:.0f} s: killing it")
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
-            if proc.returncode not in (0, -signal.SIGTERM):
-                self.say(f"the server exited with code {proc.returncode}; see {self.server_log}")
+            code = await server.stop_async(STOP_SERVER_S)
+            if code == -signal.SIGKILL:
+                self.say(f"the server did not stop within {STOP_SERVER_S:.0f} s: killed it")
+            elif code not in (0, -signal.SIGTERM):
+                self.say(f"the server exited with code {code}; see {self.server_log}")
         self.server = None
 
     async def _stop_broker(self) -> None:
         if self.broker is not None and self.broker.running:
             self.say("stopping the broker...")
-            await asyncio.to_thread(self.broker.stop)
+            await self.broker.stop_async()
         self.say("stopped")
 
     def cleanup(self) -> None:
         """Whatever is still running goes; the temporary directory goes (kept on failure)."""
         self._show_cursor()
-        if self.server is not None and self.server.poll() is None:
+        if self.server is not None:
             self.server.kill()
-            self.server.wait()
         if self.broker is not None:
             self.broker.stop()
         self._close_logging()

@@ -22,7 +22,7 @@ paced presses (``presses`` at ``rate``/s on random posts), then a burst (``burst
 once each at random moments within ``burst_window`` s).
 
 Press time is the event's ``ts`` (when the hold-time guard accepted the press, on the edge).
-Press -> committed is ``events.committed_at - events.pressed_at`` from the server's SQLite file;
+Press -> committed is ``events.committed_at - events.pressed_at`` from the server's database;
 press -> ACK is when the ACK reached the edge (``EdgeAgent.ack_listeners``) minus the event's ``ts``.
 Every process uses the same clock (``time.time()`` on one machine).
 """
@@ -39,7 +39,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -51,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alarmpost_cli.harness import HarnessError, Mosquitto, ServerProcess, die_with_parent
 from bench import summary_ms
-from provisioning.broker import die_with_parent
 
 log = logging.getLogger("alarmpost.bench")
 
@@ -695,22 +694,6 @@ async def _http_get(port: int, path: str, token: str) -> tuple[int, str]:
         return resp.status, await resp.text()
 
 
-async def _wait_server(proc: subprocess.Popen[bytes], port: int, token: str, log_path: Path,
-                       within: float = 30.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"server exited with code {proc.returncode}:\n{_tail(log_path)}")
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-            status, _ = await _http_get(port, "/healthz", token)
-            if status == 200:
-                return
-        await asyncio.sleep(0.1)
-    raise BenchError(f"server not ready within {within:.0f} s:\n{_tail(log_path)}")
-
-
 def _server_metrics(text: str) -> dict[str, float]:
     """The counters worth reporting from the server's /metrics."""
     wanted = ("events_committed_total", "events_duplicate_total", "acks_sent_total",
@@ -755,14 +738,18 @@ async def _edge_rss(dep: Any, post_id: str, tmp: Path, idle_s: float) -> dict[st
 Row = tuple[str, str, int, float, float, float]  # id, post, seq, pressed, committed, received
 
 
-def _read_events(db_path: Path) -> list[Row]:
-    conn = sqlite3.connect(db_path, timeout=10)
+def _read_events(server_config: Path) -> list[Row]:
+    """Every committed event, from the server's own database (a separate read-only connection)."""
+    from server.config import load_server_config
+    from server.storage import IncidentStore, PostStore, open_database
+
+    db = open_database(load_server_config(server_config).database, read_only=True)
     try:
-        return conn.execute(
-            "SELECT id, post_id, seq, pressed_at, committed_at, received_at FROM events"
-        ).fetchall()
+        events = IncidentStore(db, PostStore(db)).events(None, 2**31 - 1)
     finally:
-        conn.close()
+        db.close()
+    return [(e["id"], e["post_id"], e["seq"], e["pressed_at"], e["committed_at"], e["received_at"])
+            for e in events]
 
 
 # ============================================================================ schedules
@@ -802,21 +789,29 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
     hostile_id = specs[opts.posts + 1].id if hostile_on else ""
     _progress(f"deployment of {len(specs)} posts in {tmp} ({time.monotonic() - t_start:.1f} s)")
 
-    broker = dep.mosquitto()
-    broker.start()
+    broker = Mosquitto.for_deployment(dep)
     cleanups.append(broker.stop)
-    assert broker.proc is not None
-    _progress(f"mosquitto on 127.0.0.1:{dep.broker_port} (pid {broker.proc.pid})")
+    try:
+        await broker.start_async()
+    except HarnessError as exc:
+        raise BenchError(str(exc)) from None
+    assert broker.pid is not None
+    _progress(f"mosquitto on 127.0.0.1:{dep.broker_port} (pid {broker.pid})")
 
     server_log = tmp / "server.log"
-    server = _popen([*ALARMPOST, "--log-level", opts.server_log, "server", "--config",
-                     str(dep.server_config)], server_log)
-    cleanups.append(lambda: _terminate(server))
-    await _wait_server(server, dep.http_port, dep.api_token, server_log)
+    server = ServerProcess.for_deployment(dep, server_log, log_level=opts.server_log,
+                                          env=_child_env(), cwd=PROJECT_ROOT)
+    cleanups.append(server.stop)
+    server.start()
+    try:
+        await server.wait_ready(30.0)
+    except HarnessError as exc:
+        raise BenchError(str(exc)) from None
+    assert server.pid is not None
     _progress(f"server ready (pid {server.pid})")
 
     def server_alive() -> None:
-        if server.poll() is not None:
+        if server.returncode is not None:
             during = f" under hostile_rate={opts.hostile_rate:g}" if hostile_on else ""
             raise BenchError(f"the server exited with code {server.returncode} during the "
                              f"benchmark{during}; its last log lines:\n{_tail(server_log)}")
@@ -852,7 +847,7 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
 
     sampler = Sampler({
         "server": ProcWatch([server.pid]),
-        "broker": ProcWatch([broker.proc.pid]),
+        "broker": ProcWatch([broker.pid]),
         "fleet": ProcWatch(fleet.pids()),
         "bench": ProcWatch([os.getpid()]),
     })
@@ -927,7 +922,7 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
     metrics = _server_metrics(text) if status == 200 else {}
     if hostile_figures:
         hostile_figures["rejected"] = metrics.get("rejected_total", 0.0) - rejected_before
-    rows = await loop.run_in_executor(None, _read_events, dep.directory / "server.db")
+    rows = await loop.run_in_executor(None, _read_events, dep.server_config)
 
     await monitor.stop()
     await fleet.stop()

@@ -4,7 +4,8 @@ What runs (all on 127.0.0.1, in a temp dir removed at the end):
 
 * a private Mosquitto and a fresh deployment of ``posts`` posts and ``teams`` patrol teams, each
   team with its own broker account (``team-{id}``);
-* the central server as a real child process (``alarmpost server``);
+* the central server as a real child process (``alarmpost server``); it and the broker are started
+  and stopped by the process harness (:mod:`alarmpost_cli.harness`);
 * in this process: ``teams`` simulated team devices (:class:`firmware_sim.patrol.SimTeam`: own
   MQTT connection, persistent session, QoS 1) driving routes across the district at 30 km/h and
   reporting their position every ``position_every`` s; and one MQTT connection per post, with the
@@ -30,23 +31,24 @@ import json
 import logging
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from alarmpost_cli.harness import HarnessError, Mosquitto, ServerProcess
 from bench import summary_ms
+
+if TYPE_CHECKING:
+    from server.storage import DatabaseSettings
 
 log = logging.getLogger("alarmpost.bench.dispatch")
 
 TARGET_PRESS_TO_PAGE_P99_MS = 50.0
 TARGET_SELECT_P99_MS = 1.0
-ALARMPOST = [sys.executable, "-m", "alarmpost_cli.main"]
 
 
 @dataclass
@@ -201,50 +203,42 @@ class PostClients:
             await self._stack.aclose()
 
 
-def _start_server(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as fh:
-        return subprocess.Popen([*ALARMPOST, "--log-level", "warning", "server", "--config",
-                                 str(config)], stdin=subprocess.DEVNULL, stdout=fh, stderr=fh)
-
-
 async def bench_end_to_end(opts: Options, tmp: Path) -> dict[str, Any]:
-    import sqlite_utils
-
     from firmware_sim.patrol import SimTeam, TeamBehaviour, district_route, load_team_config
     from protocol.messages import Page
     from provisioning import deployment as d
+    from server.config import load_server_config
     from server.patrol import add_team, make_team
+    from server.storage import open_storage
 
     rng = random.Random(opts.seed)
     _progress(f"deployment: {opts.posts} posts, {opts.teams} teams")
     dep = d.create(tmp / "dep", d.district_posts(opts.posts, seed=opts.seed), heartbeat_s=60.0)
     with dep.server_config.open("a") as fh:
         fh.write("\n[dispatch]\nanswer_timeout_s = 30.0\nposition_max_age_s = 120.0\n")
-    db = sqlite_utils.Database(dep.directory / "server.db")
+    database = load_server_config(dep.server_config).database
+    storage = open_storage(database)
     team_ids = [f"T{i:04d}" for i in range(1, opts.teams + 1)]
-    with db.atomic():
-        for i, tid in enumerate(team_ids):
-            add_team(db, make_team(tid, f"Car {i + 1}",
-                                   zone_posts=[dep.posts[i % len(dep.posts)].id]))
-    db.close()
+    try:
+        with storage.db.transaction():
+            for i, tid in enumerate(team_ids):
+                add_team(storage.teams, make_team(tid, f"Car {i + 1}",
+                                                  zone_posts=[dep.posts[i % len(dep.posts)].id]))
+    finally:
+        storage.close()
     for tid in team_ids:
         d.add_team_account(dep, tid)
-    broker = dep.mosquitto()
-    broker.start()
-    server_log = tmp / "server.log"
-    server = _start_server(dep.server_config, server_log)
+    broker = Mosquitto.for_deployment(dep)
+    server = ServerProcess.for_deployment(dep, tmp / "server.log", log_level="warning")
     teams: list[SimTeam] = []
     posts = PostClients(dep)
     try:
-        async def healthy() -> bool:
-            if server.poll() is not None:
-                raise BenchError(f"server exited: {server_log.read_text()[-2000:]}")
-            try:
-                return bool((await _http_json(dep.http_port, "/healthz", dep.api_token))["ok"])
-            except Exception:
-                return False
-
-        await _wait(healthy, 30, "server ready")
+        try:
+            await broker.start_async()
+            server.start()
+            await server.wait_ready(30.0)
+        except HarnessError as exc:
+            raise BenchError(str(exc)) from None
         received: dict[str, tuple[str, float]] = {}  # page id -> (incident, arrival)
         by_team: dict[str, set[str]] = {}
 
@@ -320,14 +314,7 @@ async def bench_end_to_end(opts: Options, tmp: Path) -> dict[str, Any]:
         burst_pages = dict(received)
 
         # -------------------------------------------------------------- analysis
-        conn = sqlite_utils.Database(dep.directory / "server.db")
-        incident_press = {r["incident_id"]: r["pressed_at"] for r in conn.query(
-            "SELECT incident_id, min(pressed_at) AS pressed_at FROM events GROUP BY incident_id")}
-        incident_post = {r["id"]: r["post_id"] for r in conn.query("SELECT id, post_id FROM incidents")}
-        waiting = list(conn.query(
-            "SELECT team_id, COUNT(DISTINCT incident_id) AS n FROM pages WHERE state='waiting' "
-            "GROUP BY team_id HAVING n > 1"))
-        conn.close()
+        incident_press, incident_post, waiting = _read_outcome(database)
         first_page: dict[str, float] = {}
         for incident, at in paced_pages.values():
             first_page[incident] = min(at, first_page.get(incident, at))
@@ -350,14 +337,37 @@ async def bench_end_to_end(opts: Options, tmp: Path) -> dict[str, Any]:
     finally:
         await posts.close()
         await asyncio.gather(*(t.stop() for t in teams), return_exceptions=True)
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        broker.stop()
+        await server.stop_async(15.0)
+        await broker.stop_async()
+
+
+def _read_outcome(
+    database: DatabaseSettings,
+) -> tuple[dict[str, float], dict[str, str], list[dict[str, Any]]]:
+    """From the server's database (a separate read-only connection): each incident's first press,
+    each incident's post, and the teams with pages waiting for more than one incident."""
+    from server.storage import DispatchStore, IncidentStore, PostStore, open_database
+
+    db = open_database(database, read_only=True)
+    try:
+        incidents = IncidentStore(db, PostStore(db))
+        pages = DispatchStore(db)
+        incident_press: dict[str, float] = {}
+        for event in incidents.events(None, 2**31 - 1):
+            pressed = float(event["pressed_at"])
+            incident_press[event["incident_id"]] = min(
+                pressed, incident_press.get(event["incident_id"], pressed))
+        incident_post = {r["id"]: r["post_id"] for r in incidents.recent(None, 2**31 - 1)}
+        waiting_for: dict[str, set[str]] = {}
+        for incident_id in incident_post:
+            for page in pages.pages(incident_id):
+                if page["state"] == "waiting":
+                    waiting_for.setdefault(page["team_id"], set()).add(incident_id)
+    finally:
+        db.close()
+    waiting = [{"team_id": team, "n": len(incs)} for team, incs in sorted(waiting_for.items())
+               if len(incs) > 1]
+    return incident_press, incident_post, waiting
 
 
 def render(r: dict[str, Any]) -> str:

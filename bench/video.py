@@ -1,7 +1,8 @@
 """``alarmpost bench video``: the video intercom in real Chromium against a real post.
 
-What runs (127.0.0.1 for HTTP/MQTT, a temp dir removed at the end): a private Mosquitto, the
-server as a child process (``alarmpost server``), one post as a child process (``alarmpost sim
+What runs (127.0.0.1 for HTTP/MQTT, a temp dir removed at the end): a private Mosquitto and the
+server as a child process (``alarmpost server``), both through the process harness
+(:mod:`alarmpost_cli.harness`), one post as a child process (``alarmpost sim
 --control``: the real edge agent on mock pins, its test pattern 640×480 at 15 fps in VP8), and
 Debian's Chromium under Playwright logged in to the console. WebRTC runs over the machine's
 non-loopback address (aioice skips 127.0.0.1).
@@ -20,17 +21,16 @@ Targets: p95 ≤ 500 ms, edge CPU ≤ 15 %. Options: calls=20 cycles=50 cpu_s=10
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from alarmpost_cli.harness import Mosquitto, ServerProcess
 from bench import summary_ms
 from bench.chromium import CHROMIUM_ARGS, INSTALL_HINT, find_chromium
 
@@ -48,49 +48,23 @@ def _popen(args: list[str], log_path: Path, stdin: int = subprocess.DEVNULL) -> 
         return subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=log)
 
 
-def _tail(path: Path) -> str:
-    return path.read_text()[-1500:] if path.exists() else ""
-
-
-async def _wait_healthy(port: int, token: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {_tail(log)}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"http://127.0.0.1:{port}/healthz",
-                                    headers={"Authorization": f"Bearer {token}"}) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise RuntimeError("server not ready within 20 s")
-
-
 async def _run(tmp: Path, calls: int, cycles: int, cpu_s: float) -> dict[str, Any]:
     import psutil
-    import sqlite_utils
     from playwright.async_api import async_playwright
 
     from provisioning import deployment as d
-    from server.config import load_server_config
-    from server.console.auth import Accounts
+    from server.web.users import add_user
 
     dep = d.create(tmp / "dep", d.district_posts(1), hardware_backend="mock", heartbeat_s=5.0)
-    db = sqlite_utils.Database(load_server_config(dep.server_config).database.path)
-    Accounts(db).add_user("bench", "operator", PASSWORD)
-    db.close()
-    broker = dep.mosquitto()
-    broker.start()
+    add_user(dep.server_config, "bench", "operator", PASSWORD, actor="bench")
+    broker = Mosquitto.for_deployment(dep)
+    server = ServerProcess.for_deployment(dep, tmp / "server.log", log_level="warning")
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        await broker.start_async()
+        server.start()
+        await server.wait_ready(20.0)
         base = [sys.executable, "-m", "alarmpost_cli.main", "--log-level", "warning"]
-        server_log = tmp / "server.log"
-        server = _popen([*base, "server", "--config", str(dep.server_config)], server_log)
-        procs.append(server)
-        await _wait_healthy(dep.http_port, dep.api_token, server, server_log)
         edge = _popen([*base, "sim", "--deployment", str(dep.directory), "--control"],
                       tmp / "edge.log", subprocess.PIPE)
         procs.append(edge)
@@ -163,7 +137,8 @@ async def _run(tmp: Path, calls: int, cycles: int, cpu_s: float) -> dict[str, An
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        broker.stop()
+        await server.stop_async(10.0)
+        await broker.stop_async()
     return {
         "answer_to_frame": latencies,
         "edge_cpu_pct": round(cpu, 1),

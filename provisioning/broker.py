@@ -1,4 +1,7 @@
-"""Mosquitto: generated configuration, password and ACL files, and a supervised process.
+"""Mosquitto's generated configuration, password and ACL files.
+
+Running the broker is the process harness's job (:mod:`alarmpost_cli.harness`); this module only
+writes what it runs.
 
 The ACL gives each post exactly its own topics (by user name, ``%u``), the server-side accounts
 (``server``, ``server-*``) all of ``alarmpost/v1/#``, and the ``monitor`` account read access to
@@ -18,27 +21,15 @@ Size: ``max_packet_size`` (:data:`MAX_PACKET_BYTES`) disconnects a client that s
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import getpass
-import logging
-import os
 import re
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from protocol.messages import MAX_CALL_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES
 from protocol.topics import TOPIC_PREFIX, valid_post_id
 from provisioning.credentials import mosquitto_hash
-
-log = logging.getLogger("alarmpost.broker")
 
 SERVER_USER = "server"
 SERVER_USER_PREFIX = "server-"  # further server-side accounts: server-1, server-2, ...
@@ -59,46 +50,9 @@ MAX_PACKET_BYTES = max(MAX_CALL_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES) + PACKET_OVERH
 # ``per_listener_settings false`` does not make global. A listener added by hand needs them too.
 LISTENER_OPTIONS = ("use_username_as_clientid true",)
 
-INSTALL_HINT = (
-    "Mosquitto (>= 2.0) was not found on PATH or in /usr/sbin. "
-    "Install it with:  sudo apt-get install -y mosquitto   "
-    "(the project's ./run script does this for you)."
-)
-
 
 class BrokerError(RuntimeError):
-    """Mosquitto is missing, failed to start, or exited."""
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` giving the child SIGTERM when its parent dies (Linux), else None.
-
-    Demos, tests and benchmarks start brokers and servers; if they are SIGKILLed, their children
-    must not live on. ``prctl`` is looked up here, before the fork; the child only calls it.
-    Beware: the signal follows the *thread* that forked, so only use it from a thread that
-    lives as long as the parent (the main thread).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def setup() -> None:
-        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    return setup
-
-
-def find_mosquitto() -> str:
-    """Path of the ``mosquitto`` binary, looking in ``/usr/sbin`` too; raise with an install hint."""
-    found = shutil.which("mosquitto") or shutil.which(
-        "mosquitto", path="/usr/sbin:/usr/local/sbin:/sbin"
-    )
-    if not found:
-        raise BrokerError(INSTALL_HINT)
-    return found
+    """The broker could not be set up or run (the harness's ``BrokerError`` derives from it)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -255,133 +209,3 @@ def write_broker_dir(
     conf = directory / "mosquitto.conf"
     conf.write_text(config_text(port=port, directory=directory, host=host))
     return conf
-
-
-class Mosquitto:
-    """One Mosquitto process for a generated broker directory. Start, stop, kill, reload."""
-
-    def __init__(self, directory: Path, port: int, host: str = "127.0.0.1") -> None:
-        self.directory = directory
-        self.port = port
-        self.host = host
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "mosquitto.log"
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start and wait for "running" in its log, checking the process stays alive."""
-        if self.proc and self.proc.poll() is None:
-            return
-        binary = find_mosquitto()
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(self.directory / "mosquitto.conf")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=die_with_parent() if threading.current_thread() is threading.main_thread()
-            else None,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                tail = self._log_since(offset)
-                raise BrokerError(
-                    f"mosquitto exited with code {self.proc.returncode} on port {self.port}: "
-                    f"{(err + tail).strip()[-600:]}"
-                )
-            if " running" in self._log_since(offset):
-                log.info("mosquitto running on %s:%d (pid %d)", self.host, self.port, self.proc.pid)
-                return
-            time.sleep(0.005)
-        self.kill()
-        raise BrokerError(f"mosquitto did not report running within {timeout} s")
-
-    def _log_since(self, offset: int) -> str:
-        try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(offset)
-                return fh.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM: Mosquitto saves its persistence file and exits."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._close()
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._close()
-
-    def reload(self) -> None:
-        """SIGHUP: re-read password and ACL files (revoked clients are dropped)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGHUP)
-
-    def reload_and_wait(self, timeout: float = 10.0) -> None:
-        """SIGHUP, then wait until the broker logs that it reloads. Mosquitto re-reads its files
-        in its main loop before it reads any further packet, so a client that connects after
-        this returns meets the new password and ACL files."""
-        if not self.running:
-            raise BrokerError("mosquitto is not running")
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.reload()
-        deadline = time.monotonic() + timeout
-        while "Reloading config" not in self._log_since(offset):
-            if time.monotonic() > deadline or not self.running:
-                raise BrokerError(f"mosquitto did not reload within {timeout} s")
-            time.sleep(0.005)
-
-    def _close(self) -> None:
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def __enter__(self) -> Mosquitto:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def start_with_retry(directory: Path, *, host: str = "127.0.0.1", attempts: int = 5) -> Mosquitto:
-    """Pick a free port, (re)write the config for it, start; retry if the port was taken meanwhile."""
-    last: Exception | None = None
-    for _ in range(attempts):
-        port = free_port(host)
-        conf = directory / "mosquitto.conf"
-        conf.write_text(config_text(port=port, directory=directory, host=host))
-        broker = Mosquitto(directory, port, host)
-        try:
-            broker.start()
-            return broker
-        except BrokerError as exc:
-            last = exc
-            if "Address already in use" not in str(exc):
-                raise
-    raise BrokerError(f"no free port after {attempts} attempts: {last}")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

@@ -82,7 +82,6 @@ class Deployment:
     posts: list[PostSpec] = field(default_factory=list)
     listen: str = "127.0.0.1"  # the address the broker listens on
     broker_host: str = "127.0.0.1"  # the address posts and teams connect to
-    _broker: broker.Mosquitto | None = field(default=None, repr=False)
 
     @property
     def broker_dir(self) -> Path:
@@ -106,12 +105,6 @@ class Deployment:
     def local_broker_host(self) -> str:
         """The address a client beside the broker (server, tools) connects to."""
         return "127.0.0.1" if self.listen in {"0.0.0.0", "::"} else self.listen
-
-    def mosquitto(self) -> broker.Mosquitto:
-        """This deployment's broker (one handle, so whoever started it can stop it)."""
-        if self._broker is None:
-            self._broker = broker.Mosquitto(self.broker_dir, self.broker_port, self.listen)
-        return self._broker
 
 
 def district_posts(n: int, seed: int = 7, prefix: str = "P") -> list[PostSpec]:

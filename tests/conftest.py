@@ -1,9 +1,14 @@
-"""Fixtures: real Mosquitto, real SQLite, real processes.
+"""Fixtures: real Mosquitto, real SQLite, real PostgreSQL, real processes.
 
 Every test that needs a broker gets a whole private deployment (generated broker config with
 password and ACL files, server config, registry, post configs) and its own Mosquitto on a free
 port. Mosquitto starts in ~15 ms, and a broker per test keeps persistent sessions and retained
 messages from leaking between tests.
+
+PostgreSQL is started once per test session, on a free port, the first time a test asks for it
+(``postgres``; ~1 s), and each test that wants one gets an empty database of its own
+(``pg_database``; ~50-100 ms to create, dropped afterwards). Every process is started and stopped
+by the process harness (:mod:`alarmpost_cli.harness`).
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from typing import Any
 
 import pytest
 
+from alarmpost_cli.harness import PostgreSQL, find_mosquitto
 from provisioning import deployment as d
-from provisioning.broker import find_mosquitto
 from server.app import CentralServer
-from tests.helpers import MakeDeployment, ServerProcess, SimProcess, run_server
+from tests.helpers import MakeDeployment, ServerProcess, SimProcess, broker_of, forget_broker, run_server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,21 +33,20 @@ def _mosquitto_installed() -> None:
 @pytest.fixture
 def make_deployment(tmp_path: Path) -> Iterator[MakeDeployment]:
     """``make_deployment(n_posts, **timing)``: a deployment with its broker running."""
-    brokers = []
+    made: list[d.Deployment] = []
 
     def make(n_posts: int = 3, **kwargs: Any) -> d.Deployment:
         kwargs.setdefault("heartbeat_s", 1.0)
         kwargs.setdefault("ack_timeout_s", 0.5)
         kwargs.setdefault("resend_max_s", 2.0)
-        dep = d.create(tmp_path / f"dep{len(brokers)}", d.district_posts(n_posts), **kwargs)
-        broker = dep.mosquitto()
-        broker.start()
-        brokers.append(broker)
+        dep = d.create(tmp_path / f"dep{len(made)}", d.district_posts(n_posts), **kwargs)
+        made.append(dep)
+        broker_of(dep).start()  # tests reach it with tests.helpers.broker_of(dep)
         return dep
 
     yield make
-    for broker in brokers:
-        broker.stop()
+    for dep in made:
+        forget_broker(dep)
 
 
 @pytest.fixture
@@ -64,9 +68,7 @@ async def server(deployment: d.Deployment,
 def server_process(deployment: d.Deployment, tmp_path: Path) -> Iterator[ServerProcess]:
     proc = ServerProcess(deployment, tmp_path / "server.log")
     yield proc
-    if proc.proc is not None and proc.proc.poll() is None:
-        proc.proc.kill()
-        proc.proc.wait()
+    proc.kill()
 
 
 @pytest.fixture
@@ -82,3 +84,18 @@ async def sim_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[S
     yield make
     for sim in sims:
         await sim.close()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgreSQL]:
+    """One private PostgreSQL for the whole session, started when a test first asks for it.
+    Its log stays in the session's temporary directory (``postgres*/postgresql.log``)."""
+    with PostgreSQL(tmp_path_factory.mktemp("postgres")) as pg:
+        yield pg
+
+
+@pytest.fixture
+def pg_database(postgres: PostgreSQL) -> Iterator[str]:
+    """The DSN of an empty database of this test's own, dropped afterwards."""
+    with postgres.fresh_database() as dsn:
+        yield dsn

@@ -16,6 +16,7 @@ from typing import Any, Self
 
 import aiohttp
 
+from alarmpost_cli import harness
 from firmware_sim.fleet import SimPost
 from provisioning import deployment as d
 from server.app import CentralServer
@@ -112,42 +113,35 @@ class run_posts:
             assert_no_internal_errors(agents=[p.agent for p in self.posts.values()])
 
 
-class ServerProcess:
-    """``alarmpost server`` as a real child process (to be SIGKILLed, SIGSTOPped...)."""
+class ServerProcess(harness.ServerProcess):
+    """``alarmpost server`` for a deployment as a real child process (to be SIGKILLed,
+    SIGSTOPped...), through the process harness."""
 
     def __init__(self, dep: d.Deployment, log_path: Path) -> None:
+        super().__init__(dep.server_config, log_path)
         self.dep = dep
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*ALARMPOST, "server", "--config", str(self.dep.server_config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-        )
-        log.close()
 
-    async def wait_ready(self, within: float = 15.0) -> None:
-        async def ready() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
-            try:
-                return (await api(self.dep, "/healthz"))["ok"] is True
-            except (aiohttp.ClientError, AssertionError, KeyError):
-                return False
+# ---------------------------------------------------------------------------- brokers
+# The broker of each deployment a test made (``make_deployment``), by its directory, so a test
+# can stop, restart, reload or read the log of its deployment's broker.
+_brokers: dict[Path, harness.Mosquitto] = {}
 
-        await until(ready, within, "server /healthz")
 
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+def broker_of(dep: d.Deployment) -> harness.Mosquitto:
+    """The Mosquitto of ``dep`` (the one ``make_deployment`` started, or a new, stopped handle)."""
+    broker = _brokers.get(dep.broker_dir)
+    if broker is None:
+        broker = _brokers[dep.broker_dir] = harness.Mosquitto.for_deployment(dep)
+    return broker
 
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(15)
+
+def forget_broker(dep: d.Deployment) -> harness.Mosquitto | None:
+    """Stop ``dep``'s broker if it runs and forget it (the fixture's teardown)."""
+    broker = _brokers.pop(dep.broker_dir, None)
+    if broker is not None:
+        broker.stop()
+    return broker
 
 
 class SimProcess:
@@ -335,7 +329,7 @@ def server_side_credentials(dep: d.Deployment, name: str = "server-2") -> tuple[
     """
     if not d.account_config(dep, name).exists():
         d.add_server_account(dep, name)
-        broker = dep.mosquitto()
+        broker = broker_of(dep)
         if broker.running:
             broker.reload_and_wait()
     return d.account_credentials(dep, name)

@@ -13,7 +13,7 @@ from firmware_sim.patrol import SimTeam, TeamBehaviour
 from provisioning import deployment as d
 from server.app import CentralServer
 from server.patrol import add_team, make_team
-from tests.helpers import until
+from tests.helpers import broker_of, until
 
 KM_LAT = 1 / 111.2  # one km north, in degrees
 
@@ -42,7 +42,7 @@ def add_teams(dep: d.Deployment, specs: list[TeamSpec], **dispatch: Any) -> None
                                zone_posts=spec.zone_posts))
         d.add_team_account(dep, spec.id, f"Team {spec.id}")
     db.close()
-    dep.mosquitto().reload()
+    broker_of(dep).reload()
 
 
 def team_start(dep: d.Deployment, spec: TeamSpec) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from protocol.messages import Ack, Command, CommandResult, encode
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
-from tests.helpers import db_rows, run_posts, run_server, server_side_credentials, until
+from tests.helpers import broker_of, db_rows, run_posts, run_server, server_side_credentials, until
 
 
 def ack_waiter(post_agent: object, count: int = 1) -> asyncio.Future[list[Ack]]:
@@ -82,7 +82,7 @@ async def test_brush_and_bounce_count_right(
 
 
 async def test_strobe_and_siren_work_without_broker(deployment: d.Deployment) -> None:
-    broker = deployment.mosquitto()
+    broker = broker_of(deployment)
     broker.stop()  # nobody to talk to
     async with run_posts(deployment, "P001", connect=False) as posts:
         post = posts["P001"]
@@ -105,7 +105,7 @@ async def test_silent_post_sends_without_strobe_or_siren(
 
 
 async def test_broker_restart_every_event_exactly_once(deployment: d.Deployment) -> None:
-    broker = deployment.mosquitto()
+    broker = broker_of(deployment)
     async with run_server(deployment), run_posts(deployment) as posts:
         broker.stop()
         await until(lambda: not any(p.agent.connected.is_set() for p in posts.values()),

@@ -23,6 +23,7 @@ from server.app import CentralServer
 from server.config import load_server_config
 from tests.helpers import (
     RawMqtt,
+    broker_of,
     db_rows,
     post_credentials,
     run_posts,
@@ -48,7 +49,7 @@ def committed(dep: d.Deployment, payload: bytes) -> bool:
 
 
 def broker_log(dep: d.Deployment) -> str:
-    return dep.mosquitto().log_path.read_text()
+    return broker_of(dep).log_path.read_text()
 
 
 async def connect(dep: d.Deployment, user: str, client_id: str, *, password: str = "",

@@ -11,7 +11,7 @@ from protocol.messages import PageAnswer, TeamPosition, encode
 from protocol.topics import team_topic
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
-from tests.helpers import MakeDeployment, ServerProcess, api, db_rows, run_posts, run_server, until
+from tests.helpers import MakeDeployment, ServerProcess, api, broker_of, db_rows, run_posts, run_server, until
 from tests.patrol_helpers import TeamSpec, add_teams, run_teams
 
 
@@ -70,7 +70,7 @@ async def test_bad_team_input_is_refused_counted_and_corrupts_nothing(
     specs = [TeamSpec("A", 1.0), TeamSpec("B", 2.0)]
     add_teams(dep, specs, answer_timeout_s=10.0)
     d.add_team_account(dep, "Z9")  # a broker account, but not a registered team
-    dep.mosquitto().reload()
+    broker_of(dep).reload()
     async with run_server(dep) as server, run_teams(dep, server, specs) as teams, \
             run_posts(dep, "P001") as posts:
         a, b = teams["A"], teams["B"]

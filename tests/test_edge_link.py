@@ -11,7 +11,7 @@ from firmware_sim.fleet import SimPost
 from protocol.messages import Ack
 from provisioning import deployment as d
 from server.app import CentralServer
-from tests.helpers import run_posts, until
+from tests.helpers import broker_of, run_posts, until
 
 
 def test_backoff_grows_to_its_cap_and_resets_only_after_a_connection_that_lived() -> None:
@@ -34,7 +34,7 @@ def test_backoff_grows_to_its_cap_and_resets_only_after_a_connection_that_lived(
 async def test_reconnect_is_fast_again_after_a_connection_that_lived(
     deployment: d.Deployment,
 ) -> None:
-    broker = deployment.mosquitto()
+    broker = broker_of(deployment)
     async with run_posts(deployment, "P001", timing__reconnect_max_s=2.0) as posts:
         agent = posts["P001"].agent
         # A first outage long enough for the backoff to reach its cap (0.2+0.4+0.8+1.6 s).

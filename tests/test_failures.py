@@ -11,6 +11,7 @@ from tests.helpers import (
     MakeDeployment,
     ServerProcess,
     SimProcess,
+    broker_of,
     db_rows,
     run_posts,
     run_server,
@@ -59,7 +60,7 @@ async def test_edge_sigkill_before_publish_event_arrives_after_restart(
     make_deployment: MakeDeployment, sim_factory: Callable[..., Awaitable[SimProcess]]
 ) -> None:
     dep = make_deployment(2)
-    broker = dep.mosquitto()
+    broker = broker_of(dep)
     broker.stop()  # the post cannot publish: the event can only be in its outbox
     sim = await sim_factory(dep, "P001")
     await sim.wait_for(lambda line: line["type"] == "started")

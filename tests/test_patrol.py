@@ -17,7 +17,7 @@ from protocol.topics import team_topic
 from provisioning import deployment as d
 from server.app import CentralServer
 from server.patrol import TeamError, make_team
-from tests.helpers import ALARMPOST, MakeDeployment, api, run_posts, run_server, until
+from tests.helpers import ALARMPOST, MakeDeployment, api, broker_of, run_posts, run_server, until
 from tests.patrol_helpers import TeamSpec, add_teams, run_teams, team_start
 
 
@@ -65,7 +65,7 @@ async def test_cli_manages_teams_and_a_running_server_picks_them_up(
         assert (await api(dep, "/api/teams/NOPE"))["error"] == "no such team"
 
         # The device, with the config the CLI wrote, reports in and is seen as available.
-        dep.mosquitto().reload()
+        broker_of(dep).reload()
         team = SimTeam(load_team_config(dep.team_config("T1")),
                        route=[team_start(dep, TeamSpec("T1", 1.0))])
         team.start()

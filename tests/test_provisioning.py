@@ -23,6 +23,7 @@ from server.app import CentralServer
 from tests.helpers import (
     RawMqtt,
     ServerProcess,
+    broker_of,
     db_rows,
     monitor_credentials,
     post_credentials,
@@ -64,7 +65,7 @@ async def test_new_post_joins_a_running_deployment(deployment: d.Deployment, tmp
         spec = d.PostSpec(id="GATE-9", name="East gate", school="Jin'an No. 9 School",
                           address="9 Hualin Rd", lat=26.09, lon=119.31)
         d.add_post(deployment, spec, heartbeat_s=1.0, ack_timeout_s=0.5, hardware_backend="mock")
-        deployment.mosquitto().reload()
+        broker_of(deployment).reload()
         assert server.proc is not None
         server.proc.send_signal(signal.SIGHUP)
         await until(lambda: "registry: 4 posts" in server.log_path.read_text(), 10,
