@@ -90,7 +90,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_server_user(args: argparse.Namespace) -> int:
-    from server.console.users import user_command
+    from alarmpost_cli.users import user_command
 
     return user_command(args)
 
@@ -107,10 +107,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def cmd_broker(args: argparse.Namespace) -> int:
     import time
 
+    from alarmpost_cli.harness import Mosquitto
     from provisioning.deployment import open_deployment
 
     dep = open_deployment(Path(args.deployment))
-    broker = dep.mosquitto()
+    broker = Mosquitto.for_deployment(dep)
     stopping = False
 
     def on_term(signum: int, frame: object) -> None:
@@ -291,12 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.options = [*args.options, *extra]
     setup_logging(args.log_level)
+    from alarmpost_cli.harness import HarnessError
     from protocol.settings import ConfigError
-    from provisioning.broker import BrokerError
+    from server.storage import DatabaseError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, BrokerError) as exc:
+    except (ConfigError, HarnessError, DatabaseError) as exc:
         print(f"alarmpost: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

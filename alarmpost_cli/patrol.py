@@ -95,11 +95,11 @@ def run(args: argparse.Namespace) -> int:
     in_deployment = (deployment_dir / "deployment.toml").exists()
     try:
         if args.team_action == "list":
-            teams = [t.as_dict() for t in patrol.load_teams(teams).values()]
+            listed = [t.as_dict() for t in patrol.load_teams(teams).values()]
             if args.json:
-                print(json.dumps(teams))
+                print(json.dumps(listed))
             else:
-                for t in teams:
+                for t in listed:
                     zone = ",".join(t["zone"].get("posts", [])) or (
                         f"polygon of {len(t['zone']['polygon'])} points" if t["zone"] else "-")
                     print(f"{t['id']:<12} {t['name']:<24} shift {t['shift'] or 'always':<12} "

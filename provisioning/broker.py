@@ -51,10 +51,6 @@ MAX_PACKET_BYTES = max(MAX_CALL_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES) + PACKET_OVERH
 LISTENER_OPTIONS = ("use_username_as_clientid true",)
 
 
-class BrokerError(RuntimeError):
-    """The broker could not be set up or run (the harness's ``BrokerError`` derives from it)."""
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -92,7 +93,11 @@ class run_posts:
             post = SimPost.from_file(dep.post_config(post_id))
             for key, value in overrides.items():
                 section, name = key.split("__")
-                setattr(getattr(post.config, section), name, value)
+                part = getattr(post.config, section)
+                if type(part).__dataclass_params__.frozen:  # [mqtt] is mqttlink.MqttSettings
+                    setattr(post.config, section, dataclasses.replace(part, **{name: value}))
+                else:
+                    setattr(part, name, value)
             self.posts[post_id] = post
 
     async def __aenter__(self) -> dict[str, SimPost]:
@@ -222,17 +227,19 @@ async def api(dep: d.Deployment, path: str, token: str | None = None) -> Any:
 
 
 def db_rows(dep: d.Deployment, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Read the server's SQLite file directly (a separate connection, as an auditor would)."""
-    import sqlite3
+    """Read the server's database directly (a separate, read-only connection, as an auditor
+    would), on whichever backend the deployment's server uses."""
+    from server.config import load_server_config
+    from server.storage import open_database
 
-    path = dep.directory / "server.db"
-    if not path.exists():
+    settings = load_server_config(dep.server_config).database
+    if settings.backend == "sqlite" and not Path(settings.path).exists():
         return []
-    conn = sqlite3.connect(path)
+    db = open_database(settings, read_only=True)
     try:
-        return conn.execute(sql, params).fetchall()
+        return [tuple(row.values()) for row in db.query(sql, params)]
     finally:
-        conn.close()
+        db.close()
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")

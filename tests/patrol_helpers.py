@@ -7,13 +7,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
 from firmware_sim.patrol import SimTeam, TeamBehaviour
 from provisioning import deployment as d
 from server.app import CentralServer
 from server.patrol import add_team, make_team
 from tests.helpers import broker_of, until
+from tests.storage_helpers import server_storage
 
 KM_LAT = 1 / 111.2  # one km north, in degrees
 
@@ -36,12 +35,14 @@ def add_teams(dep: d.Deployment, specs: list[TeamSpec], **dispatch: Any) -> None
             fh.write("\n[dispatch]\n" + "".join(
                 f"{k} = {str(v).lower() if isinstance(v, bool) else v!r}\n"
                 for k, v in dispatch.items()))
-    db = sqlite_utils.Database(dep.directory / "server.db")
-    for spec in specs:
-        add_team(db, make_team(spec.id, f"Team {spec.id}", ["+86 591 0000"],
-                               zone_posts=spec.zone_posts))
-        d.add_team_account(dep, spec.id, f"Team {spec.id}")
-    db.close()
+    storage = server_storage(dep.server_config)
+    try:
+        for spec in specs:
+            add_team(storage.teams, make_team(spec.id, f"Team {spec.id}", ["+86 591 0000"],
+                                              zone_posts=spec.zone_posts))
+            d.add_team_account(dep, spec.id, f"Team {spec.id}")
+    finally:
+        storage.close()
     broker_of(dep).reload()
 
 

@@ -10,10 +10,10 @@ from protocol.messages import Event
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
-from tests.storage_helpers import sqlite_storage
 from tests.console_helpers import PASSWORD, Console, add_users, next_notice
 from tests.helpers import MakeDeployment, api, db_rows, run_posts, run_server, until
 from tests.patrol_helpers import TeamSpec, add_teams, run_teams
+from tests.storage_helpers import sqlite_storage
 
 
 def test_an_older_database_gets_the_test_mode_columns(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from aiohttp import web
 from protocol.messages import Event
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
-from server.web.api import make_app
 from server.app import CentralServer
+from server.web.api import make_app
 from server.web.auth import ROLE_PERMISSIONS, Accounts, LoginLimiter, UserError
 from server.web.console import PUBLIC
 from tests.console_helpers import PASSWORD, Console, add_users

@@ -167,7 +167,8 @@ async def test_test_mode_accounts_and_dispatch_overrides_in_chromium(
         # Its press shows as TEST in the operator's queue and does not ring.
         otto = await login(browser, dep, "otto")
         await posts["P001"].press()
-        test_id = (await until(lambda: server.storage.incidents.recent("open", 5), 5, "test incident"))[0]["id"]
+        test_id = (await until(lambda: server.storage.incidents.recent("open", 5), 5,
+                               "test incident"))[0]["id"]
         await otto.wait_for_selector(f"#inc-{test_id}.test .badge-test")
         assert not await otto.is_visible("#ring")
         assert await otto.evaluate(f"window.__console.ringedAt[{test_id!r}]") is None

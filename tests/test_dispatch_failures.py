@@ -125,7 +125,7 @@ async def test_bad_team_input_is_refused_counted_and_corrupts_nothing(
         await until(lambda: server.metrics.value("rejected_total", reason="page_closed") == 1
                     and server.metrics.value("rejected_total", reason="classification_required")
                     == 1, 5, "double accept and unclassified resolve refused")
-        incident = server.storage.incident(page.incident)
+        incident = server.storage.incidents.get(page.incident)
         assert incident is not None and incident["state"] == "accepted"
         assert [t["action"] for t in incident["timeline"]] == ["opened", "paged", "accepted"]
         assert server.dispatcher.committed == {"A": page.incident}

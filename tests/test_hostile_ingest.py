@@ -20,8 +20,8 @@ from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
 from server.storage import PostInfo, Storage
-from tests.storage_helpers import sqlite_storage
 from tests.helpers import ServerProcess, api, db_rows, run_server, server_side_credentials, until
+from tests.storage_helpers import sqlite_storage
 
 # ~4 KB of nesting: under the size limit, deep enough to overflow a recursive decoder.
 POISONS = [

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from provisioning import deployment as d
-from server.web.api import make_app
 from server.app import CentralServer
+from server.web.api import make_app
 from server.web.patrol import PUBLIC, TEAM
 from tests.console_helpers import next_notice
 from tests.helpers import ALARMPOST, MakeDeployment, api, db_rows, run_posts, run_server, until

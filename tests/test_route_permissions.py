@@ -16,8 +16,8 @@ from aiohttp import web
 from protocol.messages import Event
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
-from server.web.api import make_app
 from server.app import CentralServer
+from server.web.api import make_app
 from tests.console_helpers import Console, add_users
 from tests.patrol_helpers import TeamSpec, add_teams
 from tests.patrol_web_helpers import Phone, give_app_passwords

@@ -44,7 +44,7 @@ INSTALL_HINT = (
 _POLL_S = 0.005
 
 
-class BrokerError(HarnessError, broker_config.BrokerError):
+class BrokerError(HarnessError):
     """Mosquitto is missing, failed to start, did not reload or exited."""
 
 
