@@ -50,7 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alarmpost_cli.harness import HarnessError, Mosquitto, ServerProcess, die_with_parent
+from alarmpost_cli.harness import (
+    HarnessError,
+    Mosquitto,
+    PostgreSQL,
+    ServerProcess,
+    die_with_parent,
+)
 from bench import summary_ms
 
 log = logging.getLogger("alarmpost.bench")
@@ -90,6 +96,7 @@ class Options:
     keep: bool = False  # keep the temp dir (logs, databases) for a look afterwards
     monitor: bool = True  # a bystander MQTT client times events and ACKs on the broker (hops)
     hostile_rate: float = 0.0  # garbage messages/s from one more post's credential (0: none)
+    storage: str = "sqlite"  # the server's database: sqlite, or postgresql (a private one)
 
     @classmethod
     def parse(cls, raw: dict[str, str]) -> Options:
@@ -120,6 +127,8 @@ class Options:
         if opts.ramp < 0:
             opts.ramp = opts.posts / opts.heartbeat
         opts.workers = min(opts.workers, opts.posts)
+        if opts.storage not in {"sqlite", "postgresql"}:
+            raise ValueError("storage must be sqlite or postgresql")
         if opts.fleet_gc not in {"off", "freeze", "on"}:
             raise ValueError("fleet_gc must be off, freeze or on")
         if opts.outbox not in {"disk", "tmpfs"}:
@@ -783,7 +792,18 @@ async def _bench(opts: Options, tmp: Path, cleanups: list[Callable[[], Any]],
     t_start = time.monotonic()
     hostile_on = opts.hostile_rate > 0
     specs = d.district_posts(opts.posts + 1 + hostile_on)
-    dep = d.create(tmp / "deployment", specs, heartbeat_s=opts.heartbeat, hardware_backend="mock")
+    database: dict[str, object] | None = None
+    if opts.storage == "postgresql":
+        pg = PostgreSQL(tmp / "postgres")
+        cleanups.append(pg.stop)
+        try:
+            await pg.start_async()
+        except HarnessError as exc:
+            raise BenchError(str(exc)) from None
+        database = {"backend": "postgresql", "dsn": pg.dsn}
+        _progress(f"postgresql on 127.0.0.1:{pg.port} (pid {pg.pid})")
+    dep = d.create(tmp / "deployment", specs, heartbeat_s=opts.heartbeat, hardware_backend="mock",
+                   database=database)
     fleet_ids = [s.id for s in specs[: opts.posts]]
     edge_id = specs[opts.posts].id
     hostile_id = specs[opts.posts + 1].id if hostile_on else ""
@@ -1031,6 +1051,7 @@ def _analyse(opts: Options, fleet: Fleet, monitor: Monitor, rows: list[Row],
         "edge_rss_mb": round(edge["rss_mb"], 1),
         "edge_uss_mb": round(edge["uss_mb"], 1),
         "hostile_rate": opts.hostile_rate,
+        "storage": opts.storage,
         "context": {
             "connect_s": round(connect_s, 1),
             "measured_s": round(windows["all"].wall, 1),

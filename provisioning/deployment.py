@@ -146,11 +146,13 @@ def create(
     auto_resolve_s: float = 0.0,
     listen: str = "127.0.0.1",
     broker_host: str | None = None,
+    database: dict[str, object] | None = None,
 ) -> Deployment:
     """Write a complete deployment for ``posts`` into ``directory`` (which must be empty).
 
     ``listen`` is the address the broker binds (``0.0.0.0`` for every interface);
     ``broker_host`` is the name or address the posts and teams reach it by (default: ``listen``).
+    ``database`` is the server's ``[database]`` section (default: SQLite in ``server.db``).
     """
     wildcard = listen in {"0.0.0.0", "::"}
     if broker_host is None:
@@ -183,7 +185,7 @@ def create(
         "mqtt": {"host": "127.0.0.1" if wildcard else listen, "port": dep.broker_port,
                  "username": broker.SERVER_USER,
                  "password": server_password},
-        "database": {"path": "server.db"},
+        "database": database or {"path": "server.db"},
         "http": {"host": "127.0.0.1", "port": dep.http_port, "api_token": dep.api_token},
         "registry": {"posts_file": "posts.toml"},
         "supervision": {"default_heartbeat_s": heartbeat_s},

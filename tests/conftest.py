@@ -5,7 +5,8 @@ password and ACL files, server config, registry, post configs) and its own Mosqu
 port. Mosquitto starts in ~15 ms, and a broker per test keeps persistent sessions and retained
 messages from leaking between tests.
 
-PostgreSQL is started once per test session, on a free port, the first time a test asks for it
+Every test that stores anything runs on both database backends (``storage_backend``): SQLite
+files, and PostgreSQL, started once per test session, on a free port, the first time a test asks for it
 (``postgres``; ~1 s), and each test that wants one gets an empty database of its own
 (``pg_database``; ~50-100 ms to create, dropped afterwards). Every process is started and stopped
 by the process harness (:mod:`alarmpost_cli.harness`).
@@ -22,7 +23,9 @@ import pytest
 from alarmpost_cli.harness import PostgreSQL, find_mosquitto
 from provisioning import deployment as d
 from server.app import CentralServer
+from server.storage import PostInfo, Storage
 from tests.helpers import MakeDeployment, ServerProcess, SimProcess, broker_of, forget_broker, run_server
+from tests.storage_helpers import backends_under_test, postgres_storage, sqlite_storage
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,15 +33,31 @@ def _mosquitto_installed() -> None:
     find_mosquitto()  # fails the session with the install hint if missing
 
 
+@pytest.fixture(params=backends_under_test())
+def storage_backend(request: pytest.FixtureRequest) -> str:
+    """The server's database in this test: every test that stores anything runs once on SQLite
+    and once on PostgreSQL (``ALARMPOST_TEST_STORAGE=sqlite`` or ``=postgresql`` for one)."""
+    backend: str = request.param
+    return backend
+
+
 @pytest.fixture
-def make_deployment(tmp_path: Path) -> Iterator[MakeDeployment]:
-    """``make_deployment(n_posts, **timing)``: a deployment with its broker running."""
+def make_deployment(tmp_path: Path, storage_backend: str,
+                    request: pytest.FixtureRequest) -> Iterator[MakeDeployment]:
+    """``make_deployment(n_posts, **timing)``: a deployment with its broker running, its server
+    configured for this test's storage backend (PostgreSQL: an empty database of its own)."""
     made: list[d.Deployment] = []
+    databases: list[str] = []
 
     def make(n_posts: int = 3, **kwargs: Any) -> d.Deployment:
         kwargs.setdefault("heartbeat_s", 1.0)
         kwargs.setdefault("ack_timeout_s", 0.5)
         kwargs.setdefault("resend_max_s", 2.0)
+        if storage_backend == "postgresql":
+            pg: PostgreSQL = request.getfixturevalue("postgres")
+            dsn = pg.create_database()
+            databases.append(dsn.rsplit("/", 1)[1])
+            kwargs.setdefault("database", {"backend": "postgresql", "dsn": dsn})
         dep = d.create(tmp_path / f"dep{len(made)}", d.district_posts(n_posts), **kwargs)
         made.append(dep)
         broker_of(dep).start()  # tests reach it with tests.helpers.broker_of(dep)
@@ -47,6 +66,11 @@ def make_deployment(tmp_path: Path) -> Iterator[MakeDeployment]:
     yield make
     for dep in made:
         forget_broker(dep)
+    if databases:
+        pg = request.getfixturevalue("postgres")
+        for name in databases:
+            if pg.running:
+                pg.drop_database(name)
 
 
 @pytest.fixture
@@ -99,3 +123,16 @@ def pg_database(postgres: PostgreSQL) -> Iterator[str]:
     """The DSN of an empty database of this test's own, dropped afterwards."""
     with postgres.fresh_database() as dsn:
         yield dsn
+
+
+@pytest.fixture
+def storage(storage_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Storage]:
+    """The server's storage alone (no broker, no server) on this test's backend, two posts
+    (P001, P002) registered."""
+    if storage_backend == "sqlite":
+        store = sqlite_storage(tmp_path / "server.db")
+    else:
+        store = postgres_storage(request.getfixturevalue("pg_database"))
+    store.posts.upsert([PostInfo(id="P001"), PostInfo(id="P002")])
+    yield store
+    store.close()

@@ -8,10 +8,17 @@ from pathlib import Path
 from server.config import DatabaseSection
 from server.storage import Storage, open_storage
 
+BACKENDS = ("sqlite", "postgresql")
 
-def storage_backend() -> str:
-    """``sqlite`` unless the run is for PostgreSQL (``ALARMPOST_TEST_STORAGE=postgresql``)."""
-    return os.environ.get("ALARMPOST_TEST_STORAGE", "sqlite")
+
+def backends_under_test() -> list[str]:
+    """The backends a test run covers: both, unless ``ALARMPOST_TEST_STORAGE`` names one."""
+    wanted = [b.strip() for b in os.environ.get("ALARMPOST_TEST_STORAGE", "").split(",") if b.strip()]
+    unknown = set(wanted) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"ALARMPOST_TEST_STORAGE: unknown backend(s) {sorted(unknown)}; "
+                         f"use {', '.join(BACKENDS)}")
+    return wanted or list(BACKENDS)
 
 
 def sqlite_storage(path: Path | str) -> Storage:

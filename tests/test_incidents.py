@@ -13,9 +13,8 @@ from provisioning import deployment as d
 from server.app import CentralServer
 from server.bus import IncidentOpened, IncidentUpdated
 from server.incidents import CLASSIFICATIONS, InvalidTransition, next_state
-from server.storage import IntegrityError, PostInfo
+from server.storage import IntegrityError, Storage
 from tests.helpers import api, run_posts, run_server, until
-from tests.storage_helpers import sqlite_storage
 
 
 def test_transition_rules() -> None:
@@ -35,9 +34,8 @@ def test_transition_rules() -> None:
     assert "false_alarm" in CLASSIFICATIONS
 
 
-def test_storage_transitions_are_audited_and_the_audit_is_append_only(tmp_path) -> None:
-    store = sqlite_storage(str(tmp_path / "s.db"))
-    store.posts.upsert([PostInfo(id="P001")])
+def test_storage_transitions_are_audited_and_the_audit_is_append_only(storage: Storage) -> None:
+    store = storage
     (res,) = store.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=time.time()),
                                    time.time())])
     store.incidents.transition(res.incident_id, "acknowledged", "op:alice")
@@ -65,7 +63,6 @@ def test_storage_transitions_are_audited_and_the_audit_is_append_only(tmp_path) 
     (res2,) = store.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=2, ts=time.time()),
                                     time.time())])
     assert res2.new_incident and res2.incident_id != res.incident_id
-    store.close()
 
 
 async def test_bus_tells_subscribers_and_api_shows_the_timeline(
@@ -105,12 +102,11 @@ async def test_auto_resolve_closes_idle_incidents(make_deployment) -> None:
         assert incident["classification"] == "test"
 
 
-def test_the_audit_records_who_when_and_why(tmp_path) -> None:
+def test_the_audit_records_who_when_and_why(storage: Storage) -> None:
     """Each timeline entry says who did it, when (the time given, else now), from which state
     and why; a resolution says its classification before the note. Idle incidents are resolved
     as `test` by `system`, at the time the sweep ran, and say why."""
-    store = sqlite_storage(str(tmp_path / "s.db"))
-    store.posts.upsert([PostInfo(id="P001"), PostInfo(id="P002")])
+    store = storage
     now = time.time()
     (a,) = store.incidents.commit_events([(Event(id=new_ulid(), post="P001", seq=1, ts=now), now)])
     (b,) = store.incidents.commit_events([(Event(id=new_ulid(), post="P002", seq=1, ts=now), now)])

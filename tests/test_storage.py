@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from protocol.messages import Event
 from protocol.ulid import new_ulid
-from server.storage import DatabaseError, IntegrityError, PostInfo, Storage
+from server.storage import DatabaseError, IntegrityError, Storage
 from server.storage.migrations import current_version, migrate, migrations_for
 from server.web.auth import Accounts
 from tests.storage_helpers import postgres_storage, sqlite_storage
@@ -22,17 +21,6 @@ RELEASE_DB = Path(__file__).parent / "data" / "release-0.1.0.sqlite"
 # What that file holds: written by release 0.1.0's own code (a deployment of three posts, two
 # teams, two console users; five events, one incident resolved, one assigned to team T01).
 RELEASE_USER, RELEASE_PASSWORD = "alice", "alice-password-1"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    if request.param == "sqlite":
-        store = sqlite_storage(tmp_path / "server.db")
-    else:
-        store = postgres_storage(request.getfixturevalue("pg_database"))
-    store.posts.upsert([PostInfo(id="P001"), PostInfo(id="P002")])
-    yield store
-    store.close()
 
 
 def event(post: str, seq: int = 1, event_id: str | None = None) -> Event:
