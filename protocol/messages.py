@@ -41,7 +41,8 @@ Ulid = Annotated[str, msgspec.Meta(pattern=r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
 # UNIX time in seconds; between 2020-01-01 and 2100-01-01 (catches ms-for-s and zero clocks).
 Timestamp = Annotated[float, msgspec.Meta(ge=1_577_836_800.0, le=4_102_444_800.0)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
-Text = Annotated[str, msgspec.Meta(max_length=200)]
+# Free text: no NUL and no lone surrogate (neither is text, and PostgreSQL refuses to store either).
+Text = Annotated[str, msgspec.Meta(max_length=200, pattern="^[^\x00\ud800-\udfff]*$")]
 # The lifetime of a post's outbox: random, made when the outbox is created. A post whose storage
 # was wiped starts a new epoch (its sequence numbers start again at 1); "" for unknown.
 Epoch = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z]{0,32}$")]

@@ -209,3 +209,19 @@ def test_team_ids_fit_a_user_name_and_refusals_say_why() -> None:
     assert (exc.reason, exc.detail, str(exc)) == ("oversized", "5000 bytes > 4096",
                                                   "oversized: 5000 bytes > 4096")
     assert str(Rejected("empty")) == "empty" and Rejected("empty").detail == ""
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "\ud800", "ok\udfff"])
+def test_free_text_refuses_what_is_not_text(bad: str) -> None:
+    """NUL and lone surrogates are no text: refused at the door (a database that cannot store
+    them would otherwise fail the whole batch they arrive in)."""
+    from protocol.messages import CommandResult, Rejected, decode_from_post, encode
+
+    good = CommandResult(id="01HZZZZZZZZZZZZZZZZZZZZZZZ", post="P001", cmd="silence", ok=True,
+                         ts=NOW, detail="done, 中文 ok")
+    assert decode_from_post("alarmpost/v1/post/P001/cmdresult", encode(good))[1] == good
+    payload = json.dumps({**json.loads(encode(good)), "detail": bad}).encode()
+    with pytest.raises(Rejected) as refused:
+        decode_from_post("alarmpost/v1/post/P001/cmdresult", payload)
+    # (A lone surrogate's JSON escape is already malformed to the decoder; a NUL is invalid.)
+    assert refused.value.reason in ("invalid", "malformed")

@@ -215,6 +215,8 @@ class PostgresDatabase(Database):
             raise IntegrityError(_message(exc)) from exc  # (the append-only triggers raise)
         except psycopg.Error as exc:
             raise DatabaseError(f"PostgreSQL: {_message(exc)}") from exc
+        except UnicodeEncodeError as exc:  # a lone surrogate in a parameter: not storable text
+            raise DatabaseError(f"PostgreSQL: a parameter is not text ({exc.reason})") from exc
         except Exception as exc:
             if type(exc).__name__ == "PoolTimeout":
                 raise DatabaseError(f"PostgreSQL: no connection within the timeout ({exc})") from exc

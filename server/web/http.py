@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -103,6 +104,8 @@ async def run_handler(metrics: Metrics, request: web.Request, handler: Handler, 
                       secure_headers: bool = True) -> web.StreamResponse:
     """Call ``handler``; shape HTTP errors and crashes as JSON, count every answer."""
     try:
+        if not all(is_text(v) for v in request.match_info.values()):
+            raise BadInput("not_text", "the path holds characters that are not text")
         response = await handler(request)
     except BadInput as exc:
         return bad_input(metrics, request, exc)
@@ -192,10 +195,20 @@ def query_str(request: web.Request, name: str, max_len: int = 100,
     return raw
 
 
+_NOT_TEXT: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+def is_text(value: str) -> bool:
+    """No NUL and no lone surrogate: what any database can store and any client can read."""
+    return _NOT_TEXT.search(value) is None
+
+
 def str_field(body: dict[str, Any], key: str, max_len: int = 200, required: bool = True) -> str:
     value = body.get(key, "")
     if not isinstance(value, str) or len(value) > max_len or (required and not value):
         raise web.HTTPBadRequest(reason=f"{key!r} must be a string of 1-{max_len} characters")
+    if not is_text(value):
+        raise BadInput("not_text", f"{key!r} holds characters that are not text (NUL, surrogates)")
     return value
 
 
