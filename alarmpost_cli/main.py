@@ -137,27 +137,82 @@ def cmd_broker(args: argparse.Namespace) -> int:
         broker.stop()
 
 
+TLS_PORT = 8883  # the broker's port in a TLS deployment unless --broker-port says otherwise
+
+
+def _admin_password(args: argparse.Namespace) -> tuple[str, bool]:
+    """(password, generated): read from stdin with --admin-password-stdin, else a new one."""
+    from server.web.auth import MAX_PASSWORD, MIN_PASSWORD
+
+    if not args.admin_password_stdin:
+        from provisioning.credentials import new_secret
+
+        return new_secret(15), True
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        from protocol.settings import ConfigError
+
+        raise ConfigError(f"the admin password read from stdin must have {MIN_PASSWORD} to "
+                          f"{MAX_PASSWORD} characters; nothing was written")
+    return password, False
+
+
+def _provision_init(args: argparse.Namespace) -> int:
+    from protocol.settings import ConfigError
+    from provisioning import deployment as d
+    from server.web.auth import UserError
+    from server.web.users import add_user
+
+    tls = not args.plain_tcp
+    if args.insecure_open and tls:
+        raise ConfigError("--insecure-open only applies with --plain-tcp (TLS needs no opening)")
+    if not tls and not d.is_loopback(args.listen) and not args.insecure_open:
+        raise ConfigError(
+            f"refusing plain TCP on {args.listen}: every post's and the server's password would "
+            "cross the network in clear. Leave out --plain-tcp (TLS is the default), listen on "
+            "127.0.0.1, or add --insecure-open if this network is really private")
+    admin_password, generated = _admin_password(args)
+    port = args.broker_port or (TLS_PORT if tls else None)
+    dep = d.create(Path(args.dir), d.district_posts(args.posts), broker_port=port,
+                   http_port=args.http_port, hardware_backend=args.hardware,
+                   listen=args.listen, broker_host=args.broker_host, tls=tls,
+                   insecure_open=args.insecure_open)
+    try:
+        add_user(dep.server_config, args.admin_name, "admin", admin_password, actor="provision")
+    except UserError as exc:
+        raise ConfigError(f"the deployment was written to {dep.directory}, but its admin account "
+                          f"was not: {exc}; add one with `alarmpost server user add --config "
+                          f"{dep.server_config} NAME --role admin`") from None
+    transport = "TLS" if tls else "plain TCP"
+    print(f"deployment written to {dep.directory}")
+    print(f"  broker:  alarmpost broker --deployment {dep.directory}   ({transport}; listens on "
+          f"{dep.listen}:{dep.broker_port}; posts connect to {dep.broker_host})")
+    if tls:
+        print(f"  CA:      {dep.ca_file} (its key ca.key beside it: keep it private); "
+              "post and team configs trust it through the ca.crt beside them")
+    print(f"  server:  alarmpost server --config {dep.server_config}")
+    print(f"  console: admin account {args.admin_name!r} at "
+          f"http://127.0.0.1:{dep.http_port}/console/")
+    if generated:
+        print(f"  admin password (shown only now, stored hashed): {admin_password}")
+    for post in dep.posts[:3]:
+        print(f"  post:    alarmpost edge --config {dep.post_config(post.id)}")
+    if len(dep.posts) > 3:
+        print(f"  ... {len(dep.posts) - 3} more post configs in {dep.directory / 'posts'}")
+    return 0
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from provisioning import deployment as d
 
     if args.action == "init":
-        dep = d.create(Path(args.dir), d.district_posts(args.posts), broker_port=args.broker_port,
-                       http_port=args.http_port, hardware_backend=args.hardware,
-                       listen=args.listen, broker_host=args.broker_host)
-        print(f"deployment written to {dep.directory}")
-        print(f"  broker:  alarmpost broker --deployment {dep.directory}   "
-              f"(listens on {dep.listen}:{dep.broker_port}; posts connect to {dep.broker_host})")
-        print(f"  server:  alarmpost server --config {dep.server_config}")
-        for post in dep.posts[:3]:
-            print(f"  post:    alarmpost edge --config {dep.post_config(post.id)}")
-        if len(dep.posts) > 3:
-            print(f"  ... {len(dep.posts) - 3} more post configs in {dep.directory / 'posts'}")
-        return 0
+        return _provision_init(args)
     dep = d.open_deployment(Path(args.dir))
     spec = d.PostSpec(id=args.id, name=args.name or args.id, school=args.school,
                       address=args.address, lat=args.lat, lon=args.lon)
     path = d.add_post(dep, spec, hardware_backend=args.hardware)
-    print(f"post {args.id} provisioned: copy {path} to the post (it holds the post's password)")
+    print(f"post {args.id} provisioned: copy {path} to the post (it holds the post's password)"
+          + (f", with {path.parent / 'ca.crt'} beside it" if dep.tls else ""))
     print("then send SIGHUP to the broker and the server so they pick the new post up")
     return 0
 
@@ -245,18 +300,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("provision", help="create a deployment or add a post to one")
     psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = psub.add_parser("init", help="write a new deployment directory",
-                        description="Broker config with password and ACL files, server config "
-                        "with a fresh API token, a post registry and one config per post.")
+                        description="The deployment's own certificate authority, the broker's "
+                        "and the server's certificates, a broker config with a TLS listener, "
+                        "password and ACL files, a server config with a fresh API token, a "
+                        "first admin console account, a post registry and one config per post.")
     q.add_argument("dir", help="new directory")
     q.add_argument("--posts", type=int, default=20, help="posts to create (default 20)")
-    q.add_argument("--broker-port", type=int, help="default: a free port")
+    q.add_argument("--broker-port", type=int,
+                   help=f"default: {TLS_PORT} with TLS, a free port with --plain-tcp")
     q.add_argument("--http-port", type=int, help="default: a free port")
     q.add_argument("--hardware", choices=["gpio", "mock"], default="mock",
                    help="backend written into the post configs (default mock)")
     q.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
                    help="address the broker listens on (default 127.0.0.1; 0.0.0.0 for all)")
     q.add_argument("--broker-host", metavar="HOST",
-                   help="address or name the posts connect to (default: the --listen address)")
+                   help="address or name the posts connect to (default: the --listen address); "
+                   "the broker's certificate names it")
+    q.add_argument("--plain-tcp", action="store_true",
+                   help="no TLS: a plain TCP listener, on a loopback address only")
+    q.add_argument("--insecure-open", action="store_true",
+                   help="with --plain-tcp: allow a --listen address other than loopback "
+                   "(passwords then cross the network in clear)")
+    q.add_argument("--admin-name", default="admin", help="the first console account (admin)")
+    q.add_argument("--admin-password-stdin", action="store_true",
+                   help="read its password from stdin (default: generate one and show it once)")
     q = psub.add_parser("post", help="add one post: account, registry entry, config file")
     q.add_argument("dir", help="the deployment directory")
     q.add_argument("--id", required=True)

@@ -25,6 +25,7 @@ import getpass
 import re
 import socket
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.messages import MAX_CALL_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES
@@ -49,6 +50,23 @@ MAX_PACKET_BYTES = max(MAX_CALL_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES) + PACKET_OVERH
 # Written after every listener line: in Mosquitto 2.0 these are per-listener options, which
 # ``per_listener_settings false`` does not make global. A listener added by hand needs them too.
 LISTENER_OPTIONS = ("use_username_as_clientid true",)
+
+# The oldest TLS version the generated TLS listener accepts (Mosquitto: the minimum).
+TLS_MIN_VERSION = "tlsv1.2"
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    """The files of a TLS listener: the CA clients are verified against (and that signed the
+    broker's certificate), the broker's certificate and its key."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+    def lines(self) -> list[str]:
+        return [f"cafile {self.cafile.resolve()}", f"certfile {self.certfile.resolve()}",
+                f"keyfile {self.keyfile.resolve()}", f"tls_version {TLS_MIN_VERSION}"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,8 +156,10 @@ def config_text(
     host: str = "127.0.0.1",
     autosave_interval: int = 1,
     extra_listeners: Iterable[str] = (),
+    tls: ListenerTls | None = None,
 ) -> str:
-    """``extra_listeners``: lines after the generated listener; every further ``listener`` line
+    """``tls``: make the generated listener a TLS one (no plain TCP at all).
+    ``extra_listeners``: lines after the generated listener; every further ``listener`` line
     among them is followed by :data:`LISTENER_OPTIONS`, as the generated one is."""
     directory = directory.resolve()
     extra: list[str] = []
@@ -174,6 +194,7 @@ def config_text(
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         f"listener {port} {host}",
         *LISTENER_OPTIONS,
+        *(tls.lines() if tls is not None else []),
         *extra_listeners,
         "",
     ]
@@ -195,13 +216,15 @@ def write_acl(directory: Path) -> None:
 
 
 def write_broker_dir(
-    directory: Path, *, port: int, accounts: Mapping[str, str], host: str = "127.0.0.1"
+    directory: Path, *, port: int, accounts: Mapping[str, str], host: str = "127.0.0.1",
+    tls: ListenerTls | None = None,
 ) -> Path:
-    """Write ``mosquitto.conf``, ``passwd`` and ``acl`` into ``directory``; return the config."""
+    """Write ``mosquitto.conf``, ``passwd`` and ``acl`` into ``directory``; return the config.
+    With ``tls`` the one listener speaks TLS only."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "data").mkdir(exist_ok=True)
     write_password_file(directory / "passwd", accounts)
     write_acl(directory)
     conf = directory / "mosquitto.conf"
-    conf.write_text(config_text(port=port, directory=directory, host=host))
+    conf.write_text(config_text(port=port, directory=directory, host=host, tls=tls))
     return conf

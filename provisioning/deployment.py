@@ -4,11 +4,21 @@
 
     DIR/deployment.toml        ports and paths (no secrets)
     DIR/broker/                mosquitto.conf, passwd (hashed), acl, data/, mosquitto.log
+    DIR/tls/                   with TLS: the deployment's CA, the broker's and the server's
+                               certificates (keys mode 0600; see :mod:`provisioning.ca`)
     DIR/server.toml            server config (its MQTT password and API token: mode 0600)
     DIR/posts.toml             the post registry the server validates against
     DIR/posts/{id}.toml        each post's edge config (its MQTT password: mode 0600)
     DIR/teams/{id}.toml        each patrol team's device config (MQTT user team-{id}: mode 0600)
     DIR/accounts/{user}.toml   tool accounts: ``monitor`` (read-only), ``server-N`` (mode 0600)
+    DIR/posts/ca.crt, DIR/teams/ca.crt   with TLS: the CA certificate beside the device configs,
+                               so a device's config and the CA it trusts travel together
+
+Transport: :func:`create` writes a plain-TCP broker by default (the demo, tests and benchmarks on
+loopback); ``tls=True`` (``alarmpost provision init``'s default) makes the broker's one listener a
+TLS one and points every ``[mqtt]`` section at the CA (``tls_ca_file``). Plain TCP is bound to a
+loopback address unless ``insecure_open=True``: on a network it would carry every password in
+clear.
 
 Posts are identified by their id, which is also their MQTT user name: the broker's ACL patterns
 (``%u``) give each post its own topics and nothing else. The broker makes every client's id its
@@ -20,8 +30,10 @@ instance, a test publishing commands) gets its own ``server-N`` account from
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +41,7 @@ from pathlib import Path
 from protocol.settings import ConfigError
 from protocol.topics import TEAM_USER_PREFIX, team_user, valid_post_id, valid_team_id
 from provisioning import broker
+from provisioning.ca import CertificateAuthority, local_names
 from provisioning.credentials import mosquitto_hash, new_secret
 
 # Jin'an district, Fuzhou: the deployments this product is modelled on.
@@ -82,6 +95,7 @@ class Deployment:
     posts: list[PostSpec] = field(default_factory=list)
     listen: str = "127.0.0.1"  # the address the broker listens on
     broker_host: str = "127.0.0.1"  # the address posts and teams connect to
+    tls: bool = False  # the broker's listener speaks TLS only (certificates in tls/)
 
     @property
     def broker_dir(self) -> Path:
@@ -102,9 +116,38 @@ class Deployment:
         return self.directory / "teams" / f"{team_id}.toml"
 
     @property
+    def tls_dir(self) -> Path:
+        return self.directory / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The deployment CA's certificate (with TLS): what every client verifies the broker by."""
+        return self.tls_dir / "ca.crt"
+
+    def _mqtt_tls(self, beside: Path) -> dict[str, object]:
+        """``tls_ca_file`` for a config in ``beside``: the CA certificate copied there."""
+        if not self.tls:
+            return {}
+        copy = beside / "ca.crt"
+        if not copy.exists():
+            beside.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.ca_file, copy)
+        return {"tls_ca_file": str(copy)}
+
+    @property
     def local_broker_host(self) -> str:
         """The address a client beside the broker (server, tools) connects to."""
         return "127.0.0.1" if self.listen in {"0.0.0.0", "::"} else self.listen
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``: an address nothing off this machine reaches."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def district_posts(n: int, seed: int = 7, prefix: str = "P") -> list[PostSpec]:
@@ -147,14 +190,25 @@ def create(
     listen: str = "127.0.0.1",
     broker_host: str | None = None,
     database: dict[str, object] | None = None,
+    tls: bool = False,
+    insecure_open: bool = False,
 ) -> Deployment:
     """Write a complete deployment for ``posts`` into ``directory`` (which must be empty).
 
     ``listen`` is the address the broker binds (``0.0.0.0`` for every interface);
     ``broker_host`` is the name or address the posts and teams reach it by (default: ``listen``).
     ``database`` is the server's ``[database]`` section (default: SQLite in ``server.db``).
+    ``tls``: the deployment's own CA, the broker's and the server's certificates, a TLS-only
+    listener and ``tls_ca_file`` in every client config. Without it the listener is plain TCP,
+    which must be on a loopback address unless ``insecure_open``.
     """
     wildcard = listen in {"0.0.0.0", "::"}
+    if not tls and not is_loopback(listen) and not insecure_open:
+        raise ConfigError(
+            f"plain TCP on {listen} would carry every post's password in clear over the network: "
+            "use TLS (the default of `alarmpost provision init`, i.e. leave out --plain-tcp), keep "
+            "plain TCP on 127.0.0.1, or add --insecure-open if this network is really private"
+        )
     if broker_host is None:
         if wildcard:
             raise ConfigError(
@@ -174,17 +228,29 @@ def create(
         api_token=new_secret(),
         listen=listen,
         broker_host=broker_host,
+        tls=tls,
     )
+    server_host = "127.0.0.1" if wildcard else listen
+    listener_tls: broker.ListenerTls | None = None
+    if tls:
+        ca = CertificateAuthority.create(dep.tls_dir, f"alarmpost CA ({directory.name})")
+        hosts = local_names(broker_host, server_host)
+        served = ca.issue(broker_host, hosts=hosts, cert_path=dep.tls_dir / "broker.crt",
+                          key_path=dep.tls_dir / "broker.key")
+        ca.issue("alarmpost-server", hosts=hosts, cert_path=dep.tls_dir / "server.crt",
+                 key_path=dep.tls_dir / "server.key", server=True, client=True)
+        listener_tls = broker.ListenerTls(ca.cert_path, served.cert, served.key)
     server_password = new_secret()
     monitor_password = new_secret()
     accounts = {broker.SERVER_USER: server_password, broker.MONITOR_USER: monitor_password}
-    broker.write_broker_dir(dep.broker_dir, port=dep.broker_port, accounts=accounts, host=listen)
+    broker.write_broker_dir(dep.broker_dir, port=dep.broker_port, accounts=accounts, host=listen,
+                            tls=listener_tls)
     _write_account(dep, broker.MONITOR_USER, monitor_password,
                    "Read-only broker account for tools that watch the traffic (benchmarks).")
     _write_secret(dep.server_config, _toml({
-        "mqtt": {"host": "127.0.0.1" if wildcard else listen, "port": dep.broker_port,
+        "mqtt": {"host": server_host, "port": dep.broker_port,
                  "username": broker.SERVER_USER,
-                 "password": server_password},
+                 "password": server_password, **dep._mqtt_tls(dep.tls_dir)},
         "database": database or {"path": "server.db"},
         "http": {"host": "127.0.0.1", "port": dep.http_port, "api_token": dep.api_token},
         "registry": {"posts_file": "posts.toml"},
@@ -193,7 +259,7 @@ def create(
     }))
     (directory / "deployment.toml").write_text(_toml({
         "deployment": {"broker_port": dep.broker_port, "http_port": dep.http_port,
-                       "listen": listen, "broker_host": broker_host},
+                       "listen": listen, "broker_host": broker_host, "tls": tls},
     }))
     dep.registry.write_text("# The post registry: the server accepts messages from these only.\n")
     for spec in posts:
@@ -237,7 +303,8 @@ def add_post(
     path = dep.post_config(spec.id)
     _write_secret(path, _toml({
         "post": {"id": spec.id, "name": spec.name, "silent": False},
-        "mqtt": {"host": dep.broker_host, "port": dep.broker_port, "password": password},
+        "mqtt": {"host": dep.broker_host, "port": dep.broker_port, "password": password,
+                 **dep._mqtt_tls(path.parent)},
         "hardware": {"backend": hardware_backend, "hold_ms": hold_ms},
         "timing": {"heartbeat_s": heartbeat_s, "ack_timeout_s": ack_timeout_s,
                    "resend_max_s": resend_max_s},
@@ -256,7 +323,7 @@ def _write_account(dep: Deployment, user: str, password: str, what: str) -> Path
     path = account_config(dep, user)
     _write_secret(path, f"# {what}\n" + _toml({
         "mqtt": {"host": dep.local_broker_host, "port": dep.broker_port, "username": user,
-                 "password": password},
+                 "password": password, **dep._mqtt_tls(dep.tls_dir)},
     }))
     return path
 
@@ -312,7 +379,8 @@ def add_team_account(dep: Deployment, team_id: str, name: str = "") -> Path:
     path.parent.mkdir(exist_ok=True)
     _write_secret(path, _toml({
         "team": {"id": team_id, "name": name or team_id},
-        "mqtt": {"host": dep.broker_host, "port": dep.broker_port, "password": password},
+        "mqtt": {"host": dep.broker_host, "port": dep.broker_port, "password": password,
+                 **dep._mqtt_tls(path.parent)},
     }))
     return path
 
@@ -343,7 +411,8 @@ def open_deployment(directory: Path) -> Deployment:
     dep = Deployment(directory, int(meta["broker_port"]), int(meta["http_port"]),
                      api_token=server_cfg["http"]["api_token"],
                      listen=str(meta.get("listen", "127.0.0.1")),
-                     broker_host=str(meta.get("broker_host", "127.0.0.1")))
+                     broker_host=str(meta.get("broker_host", "127.0.0.1")),
+                     tls=bool(meta.get("tls", False)))
     dep.posts = [PostSpec(**{k: p.get(k, "") for k in ("id", "name", "school", "address", "lat",
                                                         "lon")}) for p in registry.get("post", [])]
     return dep

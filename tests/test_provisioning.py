@@ -80,9 +80,15 @@ async def test_new_post_joins_a_running_deployment(deployment: d.Deployment, tmp
 
 def test_deployment_for_a_lan_broker(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--broker-host"):
-        d.create(tmp_path / "a", d.district_posts(1), listen="0.0.0.0")
+        d.create(tmp_path / "a", d.district_posts(1), listen="0.0.0.0", tls=True)
+    # Plain TCP off loopback only when explicitly opened: it carries passwords in clear.
+    with pytest.raises(ConfigError, match="in clear"):
+        d.create(tmp_path / "c", d.district_posts(1), listen="0.0.0.0",
+                 broker_host="alarms.example.org")
+    assert not (tmp_path / "c").exists()
     dep = d.create(tmp_path / "b", d.district_posts(1), listen="0.0.0.0",
-                   broker_host="alarms.example.org")
+                   broker_host="alarms.example.org", tls=True)
+    assert "tls_version tlsv1.2" in (dep.broker_dir / "mosquitto.conf").read_text()
     conf = (dep.broker_dir / "mosquitto.conf").read_text()
     assert f"listener {dep.broker_port} 0.0.0.0" in conf
     post = tomllib.loads(dep.post_config("P001").read_text())
@@ -90,7 +96,10 @@ def test_deployment_for_a_lan_broker(tmp_path: Path) -> None:
     server = tomllib.loads(dep.server_config.read_text())
     assert server["mqtt"]["host"] == "127.0.0.1"  # beside the broker
     again = d.open_deployment(dep.directory)
-    assert (again.listen, again.broker_host) == ("0.0.0.0", "alarms.example.org")
+    assert (again.listen, again.broker_host, again.tls) == ("0.0.0.0", "alarms.example.org", True)
+    opened = d.create(tmp_path / "d", d.district_posts(1), listen="0.0.0.0",
+                      broker_host="10.20.0.5", insecure_open=True)
+    assert not opened.tls and "cafile" not in (opened.broker_dir / "mosquitto.conf").read_text()
 
 
 def test_broker_config_binds_client_ids_to_user_names_and_bounds_packets(tmp_path: Path) -> None:

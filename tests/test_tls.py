@@ -1,0 +1,129 @@
+"""A TLS deployment against a real Mosquitto: the server and a post over TLS, certificates
+verified; clients that do not trust the deployment's CA, or that speak plain TCP, are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import stat
+import struct
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from provisioning import deployment as d
+from provisioning.ca import CA_VALID_DAYS, LEAF_VALID_DAYS, CertificateAuthority
+from tests.helpers import MakeDeployment, db_rows, post_credentials, run_posts, run_server, until
+
+
+def _connack(dep: d.Deployment, user: str, password: str, *, cafile: Path | None,
+             server_hostname: str = "127.0.0.1") -> int:
+    """A bare MQTT 3.1.1 CONNECT over TLS (trusting ``cafile``) or plain TCP (``cafile=None``);
+    the CONNACK return code. Raises what the socket raises when the broker refuses."""
+    def field(text: str) -> bytes:
+        return struct.pack("!H", len(text)) + text.encode()
+
+    body = field("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 30) + field(user) + field(user) \
+        + field(password)
+    packet = bytes([0x10, len(body)]) + body
+    raw = socket.create_connection(("127.0.0.1", dep.broker_port), timeout=5)
+    sock: socket.socket = raw
+    try:
+        if cafile is not None:
+            context = ssl.create_default_context(cafile=str(cafile))
+            sock = context.wrap_socket(raw, server_hostname=server_hostname)
+        sock.sendall(packet)
+        reply = sock.recv(4)
+        if len(reply) < 4 or reply[0] != 0x20:
+            raise ConnectionError(f"no CONNACK, got {reply!r}")
+        return reply[3]
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def tls_deployment(make_deployment: MakeDeployment) -> d.Deployment:
+    return make_deployment(2, tls=True)
+
+
+async def test_server_and_post_over_tls_commit_and_ack_a_press(tls_deployment: d.Deployment) -> None:
+    dep = tls_deployment
+    conf = (dep.broker_dir / "mosquitto.conf").read_text().splitlines()
+    assert [line for line in conf if line.startswith("listener")] == [
+        f"listener {dep.broker_port} 127.0.0.1"]  # one listener, and it is the TLS one
+    assert f"cafile {dep.ca_file}" in conf and "tls_version tlsv1.2" in conf
+    async with run_server(dep) as server:
+        assert server.config.mqtt.tls
+        async with run_posts(dep, "P001") as posts:
+            assert posts["P001"].agent.config.mqtt.tls_ca_file == str(
+                dep.post_config("P001").parent / "ca.crt")
+            await posts["P001"].press()
+            await until(lambda: posts["P001"].agent.outbox_depth == 0, 10, "ACK over TLS")
+    assert db_rows(dep, "SELECT post_id FROM events") == [("P001",)]
+    log = (dep.broker_dir / "mosquitto.log").read_text()
+    assert "New client connected" in log and "as P001" in log and "as server" in log
+
+
+def test_a_client_that_does_not_trust_the_ca_is_refused(tls_deployment: d.Deployment,
+                                                         tmp_path: Path) -> None:
+    dep = tls_deployment
+    user, password = post_credentials(dep, "P001")
+    assert _connack(dep, user, password, cafile=dep.ca_file) == 0  # the control: trusted, in
+    stranger = CertificateAuthority.create(tmp_path / "other-ca", "someone else's CA")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _connack(dep, user, password, cafile=stranger.cert_path)
+    # The right CA, but a name the broker's certificate does not carry.
+    with pytest.raises(ssl.SSLCertVerificationError, match=r"[Hh]ostname mismatch"):
+        _connack(dep, user, password, cafile=dep.ca_file, server_hostname="elsewhere.example")
+    # Over TLS, still no anonymous access and no wrong password (CONNACK 5: not authorized).
+    assert _connack(dep, user, "wrong", cafile=dep.ca_file) == 5
+    assert _connack(dep, "", "", cafile=dep.ca_file) == 5
+
+
+def test_plain_tcp_to_the_tls_port_gets_nothing(tls_deployment: d.Deployment) -> None:
+    dep = tls_deployment
+    user, password = post_credentials(dep, "P001")
+    with pytest.raises((ConnectionError, OSError)):
+        _connack(dep, user, password, cafile=None)
+    assert _connack(dep, user, password, cafile=dep.ca_file) == 0  # the same, over TLS: in
+
+
+async def test_a_post_configured_for_plain_tcp_never_connects(tls_deployment: d.Deployment) -> None:
+    async with run_posts(tls_deployment, "P002", connect=False, mqtt__tls_ca_file="") as posts:
+        agent = posts["P002"].agent
+        await asyncio.sleep(0)  # the agent's first connect attempt is under way
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(agent.connected.wait(), 1.5)
+
+
+def test_certificates_keys_and_validity(tls_deployment: d.Deployment) -> None:
+    dep = tls_deployment
+    for key in ["ca.key", "broker.key", "server.key"]:
+        assert stat.S_IMODE((dep.tls_dir / key).stat().st_mode) == 0o600, key
+    ca = x509.load_pem_x509_certificate(dep.ca_file.read_bytes())
+    broker = x509.load_pem_x509_certificate((dep.tls_dir / "broker.crt").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not broker.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    names = broker.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} >= {"127.0.0.1", "::1"}
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    days = (broker.not_valid_after_utc - broker.not_valid_before_utc).days
+    assert days == LEAF_VALID_DAYS  # plus the hour it is back-dated
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days == CA_VALID_DAYS
+    # Every client config trusts the CA, through a copy beside it.
+    configs: list[tuple[Path, dict[str, Any]]] = [
+        (dep.server_config, tomllib.loads(dep.server_config.read_text())),
+        (dep.post_config("P001"), tomllib.loads(dep.post_config("P001").read_text())),
+        (d.account_config(dep, "monitor"),
+         tomllib.loads(d.account_config(dep, "monitor").read_text())),
+    ]
+    team = d.add_team_account(dep, "A")
+    configs.append((team, tomllib.loads(team.read_text())))
+    for path, cfg in configs:
+        ca_copy = Path(cfg["mqtt"]["tls_ca_file"])
+        assert ca_copy.read_bytes() == dep.ca_file.read_bytes(), path
+        assert ca_copy.parent in {path.parent, dep.tls_dir}, path
