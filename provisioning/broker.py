@@ -15,6 +15,10 @@ post's session (it would only become that post again), and two connections with 
 an account of its own: tools that watch use ``monitor``, tools and extra server instances that
 publish as the server side get ``server-1``, ``server-2``, ... (:func:`deployment.add_server_account`).
 
+Transport: with :class:`ListenerTls` the one generated listener speaks TLS only (``cafile``,
+``certfile``, ``keyfile``, ``tls_version`` :data:`TLS_MIN_VERSION` or newer); without it, plain TCP
+(the deployment refuses that off loopback unless explicitly opened: :func:`deployment.create`).
+
 Size: ``max_packet_size`` (:data:`MAX_PACKET_BYTES`) disconnects a client that sends a bigger packet
 ("Packet too large", MQTT 5 reason 0x95). It is sized from the protocol's largest legitimate message.
 """

@@ -6,7 +6,7 @@
     DIR/tls/ca.key       the CA's private key (mode 0600): keep it on the server machine, or offline
     DIR/tls/broker.crt   the broker's certificate (its key broker.key, mode 0600)
     DIR/tls/server.crt   the server's certificate (its key server.key, mode 0600): for the console
-                         over HTTPS (``[http] tls_cert_file``) or as an MQTT client certificate
+                         over HTTPS (``[console] tls_cert_file``) or as an MQTT client certificate
 
 Keys are ECDSA on P-256 (Mosquitto 2.0.11 on OpenSSL 3 serves it over TLS 1.2 and 1.3; verified
 by the TLS tests), signatures SHA-256. Validity: the CA 10 years

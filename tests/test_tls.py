@@ -9,6 +9,7 @@ import ssl
 import stat
 import struct
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ def _connack(dep: d.Deployment, user: str, password: str, *, cafile: Path | None
         sock.close()
 
 
+# Tests about the transport, not about storage, need not run once per storage backend.
+one_backend = pytest.mark.parametrize("storage_backend", ["sqlite"], indirect=True)
+
+
 @pytest.fixture
 def tls_deployment(make_deployment: MakeDeployment) -> d.Deployment:
     return make_deployment(2, tls=True)
@@ -68,6 +73,26 @@ async def test_server_and_post_over_tls_commit_and_ack_a_press(tls_deployment: d
     assert "New client connected" in log and "as P001" in log and "as server" in log
 
 
+@one_backend
+async def test_the_servers_certificate_serves_the_console_over_https(
+    tls_deployment: d.Deployment
+) -> None:
+    import aiohttp
+
+    dep = tls_deployment
+    with dep.server_config.open("a") as fh:
+        fh.write(f'\n[console]\ntls_cert_file = "{dep.tls_dir / "server.crt"}"\n'
+                 f'tls_key_file = "{dep.tls_dir / "server.key"}"\n')
+    context = ssl.create_default_context(cafile=str(dep.ca_file))
+    async with run_server(dep), aiohttp.ClientSession() as http:
+        async with http.get(f"https://127.0.0.1:{dep.http_port}/console/", ssl=context) as resp:
+            assert resp.status == 200
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await http.get(f"https://127.0.0.1:{dep.http_port}/console/",
+                           ssl=ssl.create_default_context())  # the system's CAs: not ours
+
+
+@one_backend
 def test_a_client_that_does_not_trust_the_ca_is_refused(tls_deployment: d.Deployment,
                                                          tmp_path: Path) -> None:
     dep = tls_deployment
@@ -84,6 +109,7 @@ def test_a_client_that_does_not_trust_the_ca_is_refused(tls_deployment: d.Deploy
     assert _connack(dep, "", "", cafile=dep.ca_file) == 5
 
 
+@one_backend
 def test_plain_tcp_to_the_tls_port_gets_nothing(tls_deployment: d.Deployment) -> None:
     dep = tls_deployment
     user, password = post_credentials(dep, "P001")
@@ -92,6 +118,7 @@ def test_plain_tcp_to_the_tls_port_gets_nothing(tls_deployment: d.Deployment) ->
     assert _connack(dep, user, password, cafile=dep.ca_file) == 0  # the same, over TLS: in
 
 
+@one_backend
 async def test_a_post_configured_for_plain_tcp_never_connects(tls_deployment: d.Deployment) -> None:
     async with run_posts(tls_deployment, "P002", connect=False, mqtt__tls_ca_file="") as posts:
         agent = posts["P002"].agent
@@ -100,6 +127,24 @@ async def test_a_post_configured_for_plain_tcp_never_connects(tls_deployment: d.
             await asyncio.wait_for(agent.connected.wait(), 1.5)
 
 
+@one_backend
+def test_tls_1_2_and_1_3_are_served_and_older_versions_are_not(tls_deployment: d.Deployment) -> None:
+    def handshake(version: ssl.TLSVersion) -> str | None:
+        context = ssl.create_default_context(cafile=str(tls_deployment.ca_file))
+        context.minimum_version = context.maximum_version = version
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer an old version
+        with socket.create_connection(("127.0.0.1", tls_deployment.broker_port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            return sock.version()
+
+    assert handshake(ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    assert handshake(ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    with warnings.catch_warnings(), pytest.raises(ssl.SSLError, match="alert protocol version"):
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python's own, for TLS 1.1
+        handshake(ssl.TLSVersion.TLSv1_1)  # the broker answers with an alert
+
+
+@one_backend
 def test_certificates_keys_and_validity(tls_deployment: d.Deployment) -> None:
     dep = tls_deployment
     for key in ["ca.key", "broker.key", "server.key"]:
