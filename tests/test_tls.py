@@ -4,6 +4,7 @@ verified; clients that do not trust the deployment's CA, or that speak plain TCP
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import stat
@@ -55,7 +56,10 @@ def tls_deployment(make_deployment: MakeDeployment) -> d.Deployment:
     return make_deployment(2, tls=True)
 
 
-async def test_server_and_post_over_tls_commit_and_ack_a_press(tls_deployment: d.Deployment) -> None:
+async def test_server_and_post_over_tls_commit_and_ack_a_press(
+    tls_deployment: d.Deployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     dep = tls_deployment
     conf = (dep.broker_dir / "mosquitto.conf").read_text().splitlines()
     assert [line for line in conf if line.startswith("listener")] == [
@@ -71,6 +75,11 @@ async def test_server_and_post_over_tls_commit_and_ack_a_press(tls_deployment: d
     assert db_rows(dep, "SELECT post_id FROM events") == [("P001",)]
     log = (dep.broker_dir / "mosquitto.log").read_text()
     assert "New client connected" in log and "as P001" in log and "as server" in log
+    secrets = [post_credentials(dep, "P001")[1], d.account_credentials(dep, "monitor")[1],
+               tomllib.loads(dep.server_config.read_text())["mqtt"]["password"]]
+    shown = log + caplog.text
+    assert f"mqtts://server@127.0.0.1:{dep.broker_port}" in caplog.text  # the server's own word
+    assert not [s for s in secrets if s in shown]
 
 
 @one_backend
