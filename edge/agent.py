@@ -12,8 +12,10 @@ The alarm path on the post, in order:
 Presence: a retained ``online`` status on connect, a retained ``offline`` Last Will, an explicit
 ``offline`` on a clean stop, and a heartbeat every ``timing.heartbeat_s``, which also lists the
 faults the post knows of itself: ``storage`` (the outbox cannot be opened or written: events are
-kept in memory, see :mod:`edge.storage`) and ``session_taken_over`` (another client took this post's
-broker session within :data:`TAKEOVER_FAULT_S`: a cloned credential).
+kept in memory, see :mod:`edge.storage`), ``session_taken_over`` (another client took this post's
+broker session within :data:`TAKEOVER_FAULT_S`: a cloned credential), and the hardware's own
+(:class:`edge.hardware.Supervised`: ``ioboard_link``, ``tamper``, ``mains_lost``, ``battery_low``),
+which are reported in a heartbeat as soon as they change.
 
 Everything the agent receives is handled inside one boundary (:meth:`EdgeAgent._receiver`): a
 message that is refused or whose handling fails is counted by reason in ``counters``, logged with
@@ -38,7 +40,7 @@ from typing import Any
 import aiomqtt
 
 from edge.config import EdgeConfig
-from edge.hardware import GpioHardware, Hardware
+from edge.hardware import Hardware, Supervised, make_hardware
 from edge.intercom import Intercom
 from edge.outbox import Outbox, Pending
 from edge.storage import EventStore
@@ -67,6 +69,8 @@ log = logging.getLogger("alarmpost.edge")
 TAKEOVER_FAULT_S = 600.0
 # A connection that stayed up this long proves the broker fine: the next outage retries fast.
 CONNECTION_LIVED_S = 3.0
+# A change in the hardware's faults is reported at once, but at most this often.
+EARLY_BEAT_GAP_S = 0.2
 
 
 class _PostLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -88,12 +92,13 @@ class _InFlight:
 
 
 class EdgeAgent:
-    """Runs one post until :meth:`stop`. ``hardware`` defaults to gpiozero devices."""
+    """Runs one post until :meth:`stop`. ``hardware`` defaults to the backend ``[hardware]``
+    names (:func:`edge.hardware.make_hardware`)."""
 
     def __init__(self, config: EdgeConfig, hardware: Hardware | None = None) -> None:
         self.config = config
         self.post_id = config.post.id
-        self.hardware: Hardware = hardware if hardware is not None else GpioHardware(config.hardware)
+        self.hardware: Hardware = hardware if hardware is not None else make_hardware(config)
         self.log = _PostLog(log, {"post": self.post_id})
         self.counters: Counter[str] = Counter()
         # Opened by run(): a disk that fails (even at boot) never keeps the button from working.
@@ -106,6 +111,7 @@ class EdgeAgent:
         self.sent_listeners: list[SentListener] = []
         self._inflight: OrderedDict[str, _InFlight] = OrderedDict()
         self._wake = asyncio.Event()
+        self._beat_now = asyncio.Event()  # the hardware's faults changed: a heartbeat now
         self._started = time.monotonic()
         self._started_wall = time.time()
         self._sent_status: OrderedDict[bytes, None] = OrderedDict()
@@ -199,6 +205,8 @@ class EdgeAgent:
         loop = asyncio.get_running_loop()
         for entry in self.store.open():
             self._inflight[entry.id] = _InFlight(entry)
+        if isinstance(self.hardware, Supervised):
+            self.hardware.fault_listeners.append(self._beat_now.set)
         self.hardware.start(loop, self._on_press)
         self.started.set()
         self.log.info(
@@ -353,6 +361,8 @@ class EdgeAgent:
         if (self._taken_over_at is not None
                 and time.monotonic() - self._taken_over_at < TAKEOVER_FAULT_S):
             faults.append("session_taken_over")
+        if isinstance(self.hardware, Supervised):  # ioboard_link, tamper, mains_lost, battery_low
+            faults.extend(self.hardware.faults)
         return tuple(faults)
 
     # ------------------------------------------------------------------ sending
@@ -393,8 +403,11 @@ class EdgeAgent:
     async def _heartbeats(self, client: aiomqtt.Client) -> None:
         interval = self.config.timing.heartbeat_s
         while True:
+            self._beat_now.clear()
             await client.publish(self._topics["heartbeat"], encode(self.heartbeat()), qos=0)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):  # a hardware fault is reported at once
+                await asyncio.wait_for(self._beat_now.wait(), interval)
+                await asyncio.sleep(EARLY_BEAT_GAP_S)  # a flapping switch cannot flood the broker
 
     def heartbeat(self) -> Heartbeat:
         hw = self.hardware

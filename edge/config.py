@@ -20,7 +20,10 @@ class PostSection:
 
 @dataclass
 class HardwareSection:
-    backend: str = "gpio"  # "gpio" (gpiozero's default pin factory) or "mock" (MockFactory)
+    # "gpio" (gpiozero's default pin factory), "mock" (gpiozero's MockFactory) or "ioboard" (a
+    # serial IO board, see [ioboard]; the *_pin, hold_ms and debounce_ms keys are then unused:
+    # the board guards its button itself)
+    backend: str = "gpio"
     button_pin: int = 17
     strobe_pin: int = 27
     siren_pin: int = 22
@@ -28,6 +31,38 @@ class HardwareSection:
     hold_ms: int = 80  # the button must stay down this long to count (guards against brushes)
     debounce_ms: int = 30  # the button must stay up this long before it can count again
     siren_max_s: float = 180.0  # the siren switches itself off after this; the strobe stays on
+
+
+@dataclass
+class IoBoardSection:
+    """A serial IO board (``[hardware] backend = "ioboard"``; protocol in docs/serial.md)."""
+
+    device: str = "/dev/ttyUSB0"  # the serial device (or a stable symlink to it)
+    baud: int = 115200
+    framing: str = "8N1"  # data bits, parity (N/E/O), stop bits
+    ack_timeout_ms: float = 50.0  # first resend of an unacknowledged frame after this
+    resend_max_ms: float = 1000.0  # resend backoff ceiling; frames are resent until acknowledged
+    fault_after: int = 8  # sends of one frame without an ACK before the link is a fault
+    silence_s: float = 5.0  # no frame from the board this long (it sends status every second): fault
+    reopen_max_s: float = 5.0  # a lost device is reopened with backoff up to this
+    battery_low_mv: int = 11500  # below: fault battery_low (cleared 200 mV above)
+
+
+    def validate(self) -> None:
+        if not self.device:
+            raise ConfigError("[ioboard] device is required (e.g. \"/dev/ttyUSB0\")")
+        if self.baud not in BAUD_RATES:
+            raise ConfigError(f"[ioboard] baud must be one of {', '.join(map(str, BAUD_RATES))}")
+        if (len(self.framing) != 3 or self.framing[0] not in "5678"
+                or self.framing[1] not in "NEO" or self.framing[2] not in "12"):
+            raise ConfigError("[ioboard] framing must be data bits, parity, stop bits, e.g. \"8N1\"")
+        if min(self.ack_timeout_ms, self.resend_max_ms, self.silence_s, self.reopen_max_s) <= 0:
+            raise ConfigError("[ioboard] timeouts must be positive")
+        if self.fault_after < 1:
+            raise ConfigError("[ioboard] fault_after must be at least 1")
+
+
+BAUD_RATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
 
 
 @dataclass
@@ -64,6 +99,7 @@ class EdgeConfig:
     # on it), client_id to "post-{id}" (a broker with use_username_as_clientid uses the user name).
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     hardware: HardwareSection = field(default_factory=HardwareSection)
+    ioboard: IoBoardSection = field(default_factory=IoBoardSection)
     timing: TimingSection = field(default_factory=TimingSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     media: MediaSection = field(default_factory=MediaSection)
@@ -78,8 +114,10 @@ class EdgeConfig:
             )
         self.mqtt = dataclasses.replace(self.mqtt, username=self.mqtt.username or self.post.id,
                                         client_id=self.mqtt.client_id or f"post-{self.post.id}")
-        if self.hardware.backend not in {"gpio", "mock"}:
-            raise ConfigError("[hardware] backend must be \"gpio\" or \"mock\"")
+        if self.hardware.backend not in {"gpio", "mock", "ioboard"}:
+            raise ConfigError("[hardware] backend must be \"gpio\", \"mock\" or \"ioboard\"")
+        if self.hardware.backend == "ioboard":
+            self.ioboard.validate()
         if self.timing.heartbeat_s <= 0 or self.timing.ack_timeout_s <= 0 or self.outbox.retry_s <= 0:
             raise ConfigError("[timing] intervals and [outbox] retry_s must be positive")
 

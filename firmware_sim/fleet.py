@@ -1,5 +1,8 @@
 """A fleet of simulated posts: each a real :class:`edge.agent.EdgeAgent` on mock GPIO pins.
 
+:class:`SimGpio` is the simulated hand and wiring: it builds the post's
+:class:`edge.hardware.gpio.GpioHardware` on gpiozero's ``MockFactory`` and drives its button pin.
+
 A simulated hand presses buttons the way people do: a clean press, a press with contact bounce,
 a long hold, or a brush too short to count.
 """
@@ -13,19 +16,38 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from edge.agent import EdgeAgent
-from edge.config import EdgeConfig, load_edge_config
-from edge.hardware import GpioHardware
+from edge.config import EdgeConfig, HardwareSection, load_edge_config
+from edge.hardware.gpio import GpioHardware
 
 log = logging.getLogger("alarmpost.sim")
 
 
+class SimGpio:
+    """The post's pins on gpiozero's MockFactory, and a finger on its button pin."""
+
+    def __init__(self, config: HardwareSection) -> None:
+        from gpiozero.pins.mock import MockFactory
+
+        config.backend = "mock"
+        self.factory = MockFactory()
+        self.hardware = GpioHardware(config, pin_factory=self.factory)
+        self._button_pin = self.factory.pin(config.button_pin)
+
+    def button(self, pressed: bool) -> None:
+        """Drive the button pin like a hand would (the button pulls the pin low)."""
+        if pressed:
+            self._button_pin.drive_low()
+        else:
+            self._button_pin.drive_high()
+
+
 class SimPost:
-    """One post: a mock-pin hardware and the real agent driving it."""
+    """One post: mock-pin hardware and the real agent driving it."""
 
     def __init__(self, config: EdgeConfig) -> None:
-        config.hardware.backend = "mock"
         self.config = config
-        self.hardware = GpioHardware(config.hardware)
+        self.gpio = SimGpio(config.hardware)
+        self.hardware = self.gpio.hardware
         self.agent = EdgeAgent(config, self.hardware)
         self.post_id = config.post.id
         self.task: asyncio.Task[None] | None = None
@@ -46,18 +68,18 @@ class SimPost:
         """
         hold = hold_s if hold_s is not None else self.config.hardware.hold_ms / 1000 + 0.05
         for _ in range(bounce):
-            self.hardware.mock_button(True)
+            self.gpio.button(True)
             await asyncio.sleep(0.001)
-            self.hardware.mock_button(False)
+            self.gpio.button(False)
             await asyncio.sleep(0.001)
-        self.hardware.mock_button(True)
+        self.gpio.button(True)
         await asyncio.sleep(hold)
         for _ in range(bounce):
-            self.hardware.mock_button(False)
+            self.gpio.button(False)
             await asyncio.sleep(0.001)
-            self.hardware.mock_button(True)
+            self.gpio.button(True)
             await asyncio.sleep(0.001)
-        self.hardware.mock_button(False)
+        self.gpio.button(False)
         await asyncio.sleep(self.config.hardware.debounce_ms / 1000 + 0.01)
 
     async def brush(self) -> None:
