@@ -191,6 +191,15 @@ def unmutated_lines(source: str) -> set[int]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) \
                 and (_SQL.match(node.value) or _SQL_FRAGMENT.search(node.value)):
             lines.update(_span(node))
+    for statement in _log_and_metric_calls(source):
+        lines.update(_span(statement))
+    return lines
+
+
+def _log_and_metric_calls(source: str) -> list[ast.Expr]:
+    """The statements that are a logging call or a metric definition."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.Expr) or not isinstance(node.value, ast.Call):
             continue
         func = node.value.func
@@ -198,8 +207,28 @@ def unmutated_lines(source: str) -> set[int]:
             continue
         owner = _dotted(func.value)
         if (func.attr in _LOG_METHODS and owner in _LOGGERS) or func.attr in _METRIC_DEFS:
-            lines.update(_span(node))
-    return lines
+            found.append(node)
+    return found
+
+
+def join_log_calls(source: str) -> str:
+    """Each logging call or metric definition that spans several lines, on one line.
+
+    mutmut reads a ``# pragma: no mutate`` that ends a statement as if it were on the
+    statement's first line: a node that starts on the last line of a multi-line call (the
+    ``", retained" if retained else ""`` of a log message) would be mutated whatever its
+    pragma says. On one line, the whole call is left alone."""
+    text = source.splitlines()
+    calls = [c for c in _log_and_metric_calls(source)
+             if (c.end_lineno or c.lineno) > c.lineno
+             and not text[c.lineno - 1][:c.col_offset].strip()]  # alone on its lines
+    for call in sorted(calls, key=lambda c: c.lineno, reverse=True):
+        end = call.end_lineno or call.lineno
+        rest = text[end - 1][call.end_col_offset or 0:].strip()
+        if rest and not rest.startswith("#"):
+            continue  # something else follows it on its last line
+        text[call.lineno - 1:end] = [" " * call.col_offset + ast.unparse(call)]
+    return "\n".join(text) + "\n"
 
 
 def out_of_scope_headers(source: str, names: frozenset[str]) -> set[int]:
@@ -221,9 +250,10 @@ def out_of_scope_headers(source: str, names: frozenset[str]) -> set[int]:
 
 
 def mark_unmutated(path: Path, out_of_scope: frozenset[str] = frozenset()) -> int:
-    """Mark the lines :func:`unmutated_lines` finds with ``# pragma: no mutate``, and the
-    functions in ``out_of_scope`` with ``# pragma: no mutate block``; return how many."""
-    source = path.read_text()
+    """Mark the lines :func:`unmutated_lines` finds with ``# pragma: no mutate`` (multi-line
+    logging calls joined on one line first, :func:`join_log_calls`), and the functions in
+    ``out_of_scope`` with ``# pragma: no mutate block``; return how many."""
+    source = join_log_calls(path.read_text())
     skip = unmutated_lines(source)
     blocks = out_of_scope_headers(source, out_of_scope)
     # A comment cannot go on a line that ends inside a (triple-quoted) string.
@@ -493,6 +523,8 @@ def main(as_json: bool, options: dict[str, str]) -> int:
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(workdir / "tmp"),
                # processes the tests start (the server, the simulator) import the copy too
                "PYTHONPATH": str(workdir / "mutants"),
+               # every test that stores anything runs once, on SQLite (not again on PostgreSQL)
+               "ALARMPOST_TEST_STORAGE": "sqlite",
                "ALARMPOST_MUTATION_TEST_CAP_S": str(test_cap),
                "ALARMPOST_MUTATION_SELECTION": str(selection)}
         deadline = started + budget

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bench.mutation import mark_unmutated, mutant_pattern, tally, unmutated_lines
+from bench.mutation import join_log_calls, mark_unmutated, mutant_pattern, tally, unmutated_lines
 
 SOURCE = '''\
 import logging
@@ -57,7 +57,24 @@ def test_marking_keeps_the_program_and_puts_blocks_on_function_headers(tmp_path:
     assert "CREATE TABLE t (id TEXT);\n" in marked  # nothing inside the triple-quoted string
     assert "    def report(self, m):  # pragma: no mutate block" in marked
     assert "        return value + 1\n" in marked
-    assert count == len(unmutated_lines(SOURCE)) + 1
+    assert count == len(unmutated_lines(join_log_calls(SOURCE))) + 1
+    # A log call over several lines is joined on one, with its pragma: mutmut reads a pragma
+    # that ends a statement as if it were on its first line only.
+    assert "        log.warning('saving %s now', value)  # pragma: no mutate\n" in marked
+
+
+def test_only_log_calls_alone_on_their_lines_are_joined() -> None:
+    source = ('def f(log, x):\n'
+              '    log.info("a %s",\n'
+              '             x)  # why\n'
+              '    if x: log.info("b %s",\n'
+              '                   x)\n'
+              '    y = (x,\n'
+              '         x)\n')
+    joined = join_log_calls(source)
+    assert joined.splitlines()[1] == "    log.info('a %s', x)"
+    assert joined.splitlines()[2:] == source.splitlines()[3:]  # the rest as it was
+    assert ast.dump(ast.parse(joined)) == ast.dump(ast.parse(source))
 
 
 def test_mutant_names_are_matched_per_function() -> None:

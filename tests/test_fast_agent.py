@@ -16,10 +16,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import protocol.ulid
 from edge.agent import TAKEOVER_FAULT_S, EdgeAgent, _InFlight
 from edge.config import EdgeConfig, HardwareSection, OutboxSection, PostSection, TimingSection
 from protocol.messages import (
@@ -225,6 +227,28 @@ async def test_press_switches_strobe_and_siren_on_before_the_outbox_and_before_s
     assert post.agent.outbox.pending()[0].payload == published.payload
     assert post.agent.counters["presses"] == 1 and post.agent.outbox_depth == 1
     assert post.preloads == [1]  # the media stack starts loading as the post rings
+
+
+def _ulid_ms(ulid: str) -> int:
+    """The milliseconds a ULID was stamped with (its first 10 characters)."""
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    value = 0
+    for char in ulid[:10]:
+        value = value * 32 + alphabet.index(char)
+    return value
+
+
+async def test_an_events_id_carries_the_time_of_its_press(
+        post: Post, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A ULID minted without a time of its own would read this clock and say 1970: the agent
+    # stamps the id with the press's own time, the event's ts.
+    monkeypatch.setattr(protocol.ulid, "time", SimpleNamespace(time=lambda: 0.0))
+    post.agent._on_press(100)
+    assert post.agent.outbox is not None
+    [pending] = post.agent.outbox.pending()
+    [event] = [m for m in [decode_from_post(post_topic(POST, "event"), pending.payload)[1]]
+               if isinstance(m, Event)]
+    assert _ulid_ms(event.id) == int(event.ts * 1000) > 0
 
 
 async def test_presses_are_numbered_in_order_and_counted(sending: Post) -> None:

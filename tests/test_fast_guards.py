@@ -11,8 +11,10 @@ needs.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
@@ -20,7 +22,15 @@ from multidict import CIMultiDict
 
 from server.config import DatabaseSection
 from server.storage import Storage, open_storage
-from server.web.auth import CSRF_HEADER, ROLE_PERMISSIONS, Accounts, LoginLimiter, User
+from server.web.auth import (
+    CSRF_HEADER,
+    ROLE_PERMISSIONS,
+    Accounts,
+    LoginLimiter,
+    LoginResult,
+    LoginTicket,
+    User,
+)
 from server.web.http import forgery_refusal, same_origin, same_secret
 
 HOST = "console.example:8443"
@@ -230,3 +240,60 @@ async def test_attempt_checks_after_the_delay_and_records_the_outcome() -> None:
     with pytest.raises(asyncio.CancelledError):
         await other.attempt("10.0.0.7", "ann", gone)
     assert (await other.attempt("10.0.0.7", "ann", right)).retry_after > 0  # counted as failed
+
+
+def test_only_tokens_within_the_bound_are_looked_up(storage: Storage) -> None:
+    accounts = Accounts(storage.accounts)
+    looked_up: list[str] = []
+    lookup = storage.accounts.session
+
+    def recording(digest: str) -> Any:
+        looked_up.append(digest)
+        return lookup(digest)
+
+    accounts.store.session = recording  # type: ignore[method-assign]
+    # Empty, over-long, not ASCII (a lone surrogate cannot even be hashed): refused unread.
+    for token in ("", "a" * 129, "jeton-é", "\ud800", "tok\udcff"):
+        assert accounts.session(token) is None
+    assert looked_up == []
+    for token in ("a" * 128, "b"):  # within the bound: looked up (and unknown)
+        assert accounts.session(token) is None
+    assert len(looked_up) == 2
+
+
+def test_a_refused_ticket_names_the_attempt_and_waits_at_least_a_second() -> None:
+    limiter = LoginLimiter(attempts=1, window_s=60.0, free=10)
+    limiter.failed(limiter.begin("10.0.0.9", "ann", now=0.0), now=0.0)
+    refused = limiter.begin("10.0.0.9", "bob", now=59.5)  # that failure ages out in 0.5 s
+    assert refused == LoginTicket("10.0.0.9", "bob", admitted=False, retry_after=1.0, open=False)
+    assert refused.admitted is False
+
+
+async def test_attempt_refuses_per_address_without_a_check_or_a_delay() -> None:
+    limiter = LoginLimiter(attempts=1, window_s=60.0, free=10)
+    checked: list[str] = []
+
+    async def wrong() -> str | None:
+        checked.append("wrong")
+        return None
+
+    assert await limiter.attempt("10.0.0.9", "ann", wrong) == LoginResult(None, 0.0, 0.0)
+    refused = await limiter.attempt("10.0.0.9", "ann", wrong)
+    assert refused == LoginResult(None, refused.retry_after, 0.0) and refused.retry_after > 0
+    assert isinstance(refused.delay, float) and checked == ["wrong"]
+    other = await limiter.attempt("10.0.0.8", "ann", wrong)  # another address: limits of its own
+    assert other.retry_after == 0.0 and checked == ["wrong", "wrong"]
+
+
+async def test_a_delay_under_a_second_is_waited_before_the_check() -> None:
+    limiter = LoginLimiter(attempts=100, window_s=60.0, delay_s=0.05, max_delay_s=0.05, free=0)
+    checked_at: list[float] = []
+
+    async def check() -> str | None:
+        checked_at.append(time.monotonic())
+        return None
+
+    started = time.monotonic()
+    result = await limiter.attempt("10.0.0.9", "ann", check)
+    assert result.delay == 0.05
+    assert checked_at[0] - started >= 0.05

@@ -25,11 +25,12 @@ from typing import Any
 import pytest
 
 from protocol.messages import Ack, Event, Heartbeat, Status, decode_from_server, encode
-from protocol.topics import post_topic
+from protocol.topics import post_topic, team_topic
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
 from server.app import CentralServer
 from server.config import load_server_config
+from tests.helpers import until
 
 POST, OTHER = "P001", "P002"
 
@@ -192,7 +193,7 @@ async def test_a_resent_event_is_acknowledged_as_a_duplicate_and_stored_once(
 
 
 async def test_queued_events_are_committed_in_one_batch_and_each_acknowledged(
-        ingest: Ingest) -> None:
+        ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
     batches: list[int] = []
 
     def recording(commit: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -217,6 +218,9 @@ async def test_queued_events_are_committed_in_one_batch_and_each_acknowledged(
     assert kinds == ["incident_opened", "event_joined", "incident_opened"]
     assert ingest.metric("events_committed_total") == 3
     assert ingest.metric("incidents_opened_total") == 2
+    # The batch's three ACKs are counted as three, and none is reported missing.
+    await until(lambda: ingest.metric("acks_sent_total") == 3, 2, "3 ACKs counted as sent")
+    assert "ACKs not sent" not in caplog.text
 
 
 async def test_a_burst_is_committed_in_batches_of_at_most_500(ingest: Ingest) -> None:
@@ -297,6 +301,29 @@ async def test_acks_the_broker_refuses_are_not_counted_as_sent(ingest: Ingest) -
 
 
 # -------------------------------------------------------------------------------- the door
+@dataclass
+class RetainedClears:
+    """Stands in for the broker connection where the server clears retained messages."""
+
+    published: list[tuple[str, bytes, int, bool]] = field(default_factory=list)
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0,
+                      retain: bool = False) -> None:
+        self.published.append((topic, payload, qos, retain))
+
+
+async def test_an_undecodable_retained_team_message_is_refused_and_cleared(
+        ingest: Ingest) -> None:
+    broker = RetainedClears()
+    ingest.server._client = broker  # type: ignore[assignment]
+    topic = team_topic("T1", "position")
+    ingest.server.handle(topic, b"{not json", retained=True)
+    assert ingest.metric("rejected_total", reason="malformed") == 1
+    # Retained, it would be refused again at every delivery: the server clears it.
+    await until(lambda: broker.published, 2, "the retained team message cleared")
+    assert broker.published == [(topic, b"", 1, True)]
+
+
 async def test_bad_events_are_refused_counted_and_never_committed(ingest: Ingest) -> None:
     await ingest.start()
     good = ingest.event()
