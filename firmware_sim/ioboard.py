@@ -245,7 +245,8 @@ class SimBoard:
 
     def _raw_write(self, data: bytes) -> None:
         if self._master is None or not data:
-            self.counters["written_while_gone"] += bool(data)
+            if data:
+                self.counters["written_while_gone"] += 1
             return
         try:
             os.write(self._master, data)

@@ -5,13 +5,17 @@ a real agent, a real Mosquitto and a real server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
 from edge.agent import EdgeAgent
-from edge.config import load_edge_config
+from edge.config import EdgeConfig, IoBoardSection, load_edge_config
+from edge.hardware import ioboard_protocol as p
 from edge.hardware.ioboard import IoBoardHardware
 from firmware_sim.ioboard import LineFaults, SimBoard
 from protocol.messages import Ack
@@ -64,7 +68,8 @@ async def test_a_press_on_the_board_is_committed_and_the_relays_switch(
         await until(lambda: hw.firmware == "sim-1.0" and agent.heartbeat().faults == (), 5,
                     "the board's boot frame")
         acks = acks_of(agent)
-        number = await board.press()
+        assert board.relays == 0
+        number = board.press_now()
         assert number == 1
         # Fail-safe: the board switched strobe and siren on itself, before the edge said a word.
         assert board.strobe and board.siren and not board.lamp
@@ -88,8 +93,7 @@ async def test_a_press_on_the_board_is_committed_and_the_relays_switch(
         board.reboot()
         assert board.relays == 0
         await until(lambda: hw.boots == 2 and board.strobe, 5, "relays restored after the reboot")
-        assert board.relays == hw.board_relays or await until(
-            lambda: board.relays == hw.board_relays, 5, "status seen")
+        await until(lambda: hw.board_relays == board.relays, 5, "the board's status seen")
 
 
 async def test_a_silent_post_turns_the_boards_fail_safe_off(
@@ -105,9 +109,9 @@ async def test_a_silent_post_turns_the_boards_fail_safe_off(
         assert not board.strobe and not board.siren
 
 
-# 300 presses keep this test near 10 s on a busy 2-core machine; `alarmpost bench serial` is the
-# place for 1,000.
-PRESSES = 300
+# 300 presses keep this test near 10 s on a busy 2-core machine; ALARMPOST_IOBOARD_PRESSES=1000
+# runs the issue's 1,000 (about 25 s).
+PRESSES = int(os.environ.get("ALARMPOST_IOBOARD_PRESSES", "300"))
 
 
 async def test_presses_over_a_lossy_line_none_lost_none_doubled(
@@ -130,7 +134,8 @@ async def test_presses_over_a_lossy_line_none_lost_none_doubled(
         assert hw.presses == list(range(1, PRESSES + 1))  # in order, each once
         assert agent.counters["presses"] == PRESSES
         await asyncio.sleep(0.2)  # a doubled press would be committed by now
-        assert db_rows(dep, "SELECT COUNT(*), COUNT(DISTINCT id) FROM events") == [(PRESSES, PRESSES)]
+        assert db_rows(dep, "SELECT COUNT(*) AS n, COUNT(DISTINCT id) AS ids FROM events") == [
+            (PRESSES, PRESSES)]
         assert len({a.event_id for a in acks}) == PRESSES
         # The faults really happened, both ways, and were survived.
         c = board.counters
@@ -152,6 +157,8 @@ async def test_the_port_vanishes_and_comes_back_mid_stream(
         for _ in range(5):
             board.press_now()
         await until(lambda: len(acks) == 5, 10, "5 ACKs")
+        agent.apply_command("reset")
+        await until(lambda: board.relays == 0, 5, "relays off")
 
         board.vanish()  # the USB adapter is pulled out
         await until(lambda: "ioboard_link" in agent.heartbeat().faults, 5, "link fault")
@@ -159,11 +166,13 @@ async def test_the_port_vanishes_and_comes_back_mid_stream(
                                          "AND ended_at IS NULL") == [("ioboard_link",)],
                     10, "the fault recorded at the server")
         number = board.press_now()  # during the gap: the board keeps resending it
+        assert board.strobe and board.siren  # fail-safe: the board did not wait for the edge
         await asyncio.sleep(0.5)
         assert hw.presses[-1] == 5
         board.come_back()
         await until(lambda: len(acks) == 6, 10, "the press made during the gap")
         assert hw.presses == [1, 2, 3, 4, 5, number]
+        await until(lambda: board.relays == p.STROBE | p.SIREN | p.LAMP, 5, "the edge confirms")
         await until(lambda: agent.heartbeat().faults == (), 5, "link fault cleared")
         await until(lambda: db_rows(dep, "SELECT kind, ended_at IS NOT NULL FROM faults "
                                          "WHERE post_id='P001'") == [("ioboard_link", 1)],
@@ -200,8 +209,6 @@ async def test_tamper_mains_and_battery_faults_reach_the_server_and_clear(
 async def test_a_mute_board_is_a_link_fault_and_the_line_is_reopened(tmp_path: Path) -> None:
     """The line stays open but nothing gets through (a hung board, a cut wire): the fault is
     raised after ``silence_s`` and the line reopened; the frame in flight arrives afterwards."""
-    from edge.config import IoBoardSection
-
     link = tmp_path / "tty"
     board = SimBoard(link)
     await board.start()
@@ -221,3 +228,39 @@ async def test_a_mute_board_is_a_link_fault_and_the_line_is_reopened(tmp_path: P
     finally:
         hw.close()
         await board.stop()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("device", "", "device is required"),
+    ("baud", 12345, "baud must be one of"),
+    ("framing", "8X1", "framing must be"),
+    ("framing", "8N", "framing must be"),
+    ("ack_timeout_ms", 0, "timeouts must be positive"),
+    ("fault_after", 0, "fault_after must be at least 1"),
+])
+def test_ioboard_config_is_checked(key: str, value: object, message: str) -> None:
+    from protocol.settings import ConfigError
+
+    config = EdgeConfig()
+    config.post.id = "P001"
+    config.hardware.backend = "ioboard"
+    config.validate()
+    setattr(config.ioboard, key, value)
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+    config.hardware.backend = "gpio"  # [ioboard] matters only to an IO-board post
+    config.validate()
+
+
+def test_the_factory_picks_the_backend(tmp_path: Path) -> None:
+    from edge.hardware import make_hardware
+    from edge.hardware.gpio import GpioHardware
+
+    config = EdgeConfig()
+    config.hardware.backend = "mock"
+    hw = make_hardware(config)
+    assert isinstance(hw, GpioHardware)
+    hw.close()
+    config.hardware.backend = "ioboard"
+    config.ioboard = IoBoardSection(device=str(tmp_path / "none"))
+    assert isinstance(make_hardware(config), IoBoardHardware)
