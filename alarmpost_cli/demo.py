@@ -322,8 +322,9 @@ class Demo:
     async def _sleep(self, seconds: float) -> bool:
         """Sleep; True if a stop was asked meanwhile."""
         assert self._stop is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), max(seconds, 0.0))
+        with contextlib.suppress(TimeoutError):  # (not wait_for: it can swallow a cancel)
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._stop.wait()
         return self._stop.is_set()
 
     async def _main(self) -> int:

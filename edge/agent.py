@@ -397,8 +397,9 @@ class EdgeAgent:
                     item.next_try = time.monotonic() + self._backoff(item.attempts)
                 earliest = item.next_try if earliest is None else min(earliest, item.next_try)
             timeout = None if earliest is None else max(earliest - time.monotonic(), 0.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: it can swallow a cancel)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _heartbeats(self, client: aiomqtt.Client) -> None:
         interval = self.config.timing.heartbeat_s
@@ -406,7 +407,8 @@ class EdgeAgent:
             self._beat_now.clear()
             await client.publish(self._topics["heartbeat"], encode(self.heartbeat()), qos=0)
             with contextlib.suppress(TimeoutError):  # a hardware fault is reported at once
-                await asyncio.wait_for(self._beat_now.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._beat_now.wait()
                 await asyncio.sleep(EARLY_BEAT_GAP_S)  # a flapping switch cannot flood the broker
 
     def heartbeat(self) -> Heartbeat:

@@ -195,7 +195,8 @@ class MqttLink:
                 self._set_state(LinkState.BACKING_OFF, error, retry_in=delay)
                 self._log_retry(error, delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    async with asyncio.timeout(delay):  # (wait_for can swallow a cancel)
+                        await self._stopping.wait()
         finally:
             self._client = None
             self._set_state(LinkState.STOPPED, None)
