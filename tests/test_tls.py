@@ -181,3 +181,18 @@ def test_certificates_keys_and_validity(tls_deployment: d.Deployment) -> None:
         ca_copy = Path(cfg["mqtt"]["tls_ca_file"])
         assert ca_copy.read_bytes() == dep.ca_file.read_bytes(), path
         assert ca_copy.parent in {path.parent, dep.tls_dir}, path
+
+
+def test_the_servers_tls_files_are_relative_to_its_config_file(tmp_path: Path) -> None:
+    """Like every path in the server's config, ``[mqtt] tls_*`` files are found beside it,
+    whatever the working directory."""
+    from server.config import load_server_config
+
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    path = config_dir / "server.toml"
+    path.write_text('[mqtt]\ntls_ca_file = "ca.crt"\ntls_cert_file = "/abs/server.crt"\n'
+                    '[http]\napi_token = "t"\n')
+    mqtt = load_server_config(path).mqtt
+    assert mqtt.tls_ca_file == str(config_dir / "ca.crt")
+    assert mqtt.tls_cert_file == "/abs/server.crt" and mqtt.tls_key_file == ""
