@@ -24,7 +24,17 @@ from typing import Any
 
 import pytest
 
-from protocol.messages import Ack, Event, Heartbeat, Status, decode_from_server, encode
+import server.app as server_app
+from protocol.messages import (
+    Ack,
+    CallSignal,
+    CommandResult,
+    Event,
+    Heartbeat,
+    Status,
+    decode_from_server,
+    encode,
+)
 from protocol.topics import post_topic, team_topic
 from protocol.ulid import new_ulid
 from provisioning import deployment as d
@@ -241,6 +251,35 @@ async def test_a_burst_is_committed_in_batches_of_at_most_500(ingest: Ingest) ->
     assert all(a.committed for a in ingest.target.acks)
 
 
+async def test_a_batch_holds_at_most_its_maximum_and_the_rest_waits_for_the_next(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_app, "COMMIT_BATCH_MAX", 3)
+    batches: list[int] = []
+
+    def recording(commit: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def wrapped(batch: Any) -> Any:
+            batches.append(len(batch))
+            return commit(batch)
+        return wrapped
+
+    ingest.wrap_commit(recording)
+    for seq in range(1, 5):
+        ingest.send(ingest.event(seq=seq))
+    await ingest.start()
+    await ingest.target.wait_for(4)
+    assert batches == [3, 1]
+
+
+async def test_the_ack_tasks_are_let_go_once_their_acks_are_out(ingest: Ingest) -> None:
+    await ingest.start()
+    for seq in (1, 2):
+        ingest.send(ingest.event(seq=seq))
+        await ingest.target.wait_for(seq)
+    # Kept only while under way: the set of tasks the server waits for at its stop does not
+    # grow with every batch it ever acknowledged.
+    await until(lambda: not ingest.server._ack_tasks, 2, "the ACK tasks let go")
+
+
 async def test_a_commit_that_fails_acknowledges_nothing_and_the_resend_is_committed(
         ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
     failures = [OSError("disk full")]
@@ -301,6 +340,19 @@ async def test_acks_the_broker_refuses_are_not_counted_as_sent(ingest: Ingest) -
 
 
 # -------------------------------------------------------------------------------- the door
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def test_a_payload_that_is_neither_bytes_nor_text_is_counted_never_raised(
+        ingest: Ingest) -> None:
+    ingest.server.handle(post_topic(POST, "event"), _Unprintable())
+    assert ingest.metric("handler_errors_total", kind="event") == 1
+    ingest.send(ingest.event())  # the next message is handled as ever
+    assert ingest.metric("messages_in_total", kind="event") == 1
+
+
 @dataclass
 class RetainedClears:
     """Stands in for the broker connection where the server clears retained messages."""
@@ -321,6 +373,17 @@ async def test_an_undecodable_retained_team_message_is_refused_and_cleared(
     assert ingest.metric("rejected_total", reason="malformed") == 1
     # Retained, it would be refused again at every delivery: the server clears it.
     await until(lambda: broker.published, 2, "the retained team message cleared")
+    assert broker.published == [(topic, b"", 1, True)]
+
+
+async def test_an_undecodable_retained_post_message_is_refused_and_cleared(
+        ingest: Ingest) -> None:
+    broker = RetainedClears()
+    ingest.server._client = broker  # type: ignore[assignment]
+    topic = post_topic(POST, "status")
+    ingest.server.handle(topic, b"{not json", retained=True)
+    assert ingest.metric("rejected_total", reason="malformed") == 1
+    await until(lambda: broker.published, 2, "the retained status cleared")
     assert broker.published == [(topic, b"", 1, True)]
 
 
@@ -441,6 +504,62 @@ def _drain(queue: asyncio.Queue[Any]) -> list[Any]:
     while not queue.empty():
         out.append(queue.get_nowait())
     return out
+
+
+async def test_an_event_from_a_post_not_yet_online_brings_it_online(ingest: Ingest) -> None:
+    server = ingest.server
+    assert server.live[POST].state != "online"
+    notices = server.bus.subscribe()
+    ingest.send(ingest.event())
+    assert server.live[POST].state == "online"
+    assert ingest.rows("SELECT state FROM posts WHERE id=?", POST) == [("online",)]
+    states = [n.as_dict() for n in _drain(notices) if n.as_dict()["type"] == "post_state"]
+    assert [(n["post_id"], n["state"]) for n in states] == [(POST, "online")]
+
+
+@pytest.mark.parametrize("kind", ["heartbeat", "status"])
+async def test_a_heartbeat_or_an_online_status_brings_a_post_online(
+        ingest: Ingest, kind: str) -> None:
+    server = ingest.server
+    notices = server.bus.subscribe()
+    payload = _beat() if kind == "heartbeat" else \
+        encode(Status(post=POST, state="online", ts=time.time()))
+    server.handle(post_topic(POST, kind), payload)
+    assert server.live[POST].state == "online"
+    assert ingest.rows("SELECT state FROM posts WHERE id=?", POST) == [("online",)]
+    states = [n.as_dict() for n in _drain(notices) if n.as_dict()["type"] == "post_state"]
+    assert [(n["post_id"], n["state"]) for n in states] == [(POST, "online")]
+
+
+async def test_session_changes_command_results_and_call_signals_reach_their_handlers(
+        ingest: Ingest) -> None:
+    server = ingest.server
+    seen: list[tuple[Any, ...]] = []
+    server.calls.post_session_changed = lambda *a: seen.append(("session", *a))  # type: ignore[method-assign]
+    server.commands.on_result = lambda m: seen.append(("result", m))  # type: ignore[method-assign]
+    server.calls.on_signal = lambda m: seen.append(("signal", m))  # type: ignore[method-assign]
+    online = Status(post=POST, state="online", ts=time.time())
+    offline = Status(post=POST, state="offline", ts=time.time() + 1, reason="lost")
+    result = CommandResult(id=new_ulid(), post=POST, cmd="siren_off", ok=True, ts=time.time())
+    signal = CallSignal(id=new_ulid(), post=POST, kind="hangup", ts=time.time())
+    for kind, message in (("status", online), ("status", offline), ("cmdresult", result),
+                          ("callstate", signal)):
+        server.handle(post_topic(POST, kind), encode(message))
+    assert seen == [("session", POST, "online", online.ts), ("session", POST, "offline", None),
+                    ("result", result), ("signal", signal)]
+    assert ingest.metric("handler_errors_total", kind="status") == 0
+
+
+async def test_steady_heartbeats_close_a_suspected_clone(ingest: Ingest) -> None:
+    server = ingest.server
+    live = server.live[POST]
+    long_ago = time.time() - server_app.CLONE_QUIET_S - 5
+    server.storage.posts.open_fault(POST, "clone_suspected", "three sessions", long_ago)
+    live.clone_suspected, live.last_session_change = True, long_ago
+    server.handle(post_topic(POST, "heartbeat"), _beat())
+    assert not live.clone_suspected
+    assert ingest.rows("SELECT count(*) FROM faults WHERE post_id=? AND kind='clone_suspected' "
+                       "AND ended_at IS NOT NULL", POST) == [(1,)]
 
 
 async def test_only_live_session_changes_count_towards_a_suspected_clone(ingest: Ingest) -> None:
