@@ -117,7 +117,8 @@ OUT_OF_SCOPE: dict[str, frozenset[str]] = {
 DEFAULT_TESTS = (
     # Millisecond tests of the alarm path's own logic and of the guards: for most mutants the
     # first tests that run (the fastest first), and the ones that kill them.
-    "tests/test_fast_agent.py", "tests/test_fast_ingest.py", "tests/test_fast_guards.py",
+    "tests/test_fast_agent.py", "tests/test_fast_ingest.py", "tests/test_fast_storage.py",
+    "tests/test_fast_protocol.py", "tests/test_fast_guards.py",
     "tests/test_promises.py", "tests/test_alarm_path.py", "tests/test_security.py",
     "tests/test_protocol.py", "tests/test_edge_units.py", "tests/test_server_units.py",
     "tests/test_incidents.py", "tests/test_route_permissions.py", "tests/test_console_auth.py",

@@ -169,3 +169,11 @@ def test_a_tests_time_includes_its_fixtures() -> None:
         with contextlib.suppress(StopIteration):
             wrapper.send(None)
     assert stats.duration_by_test["broker_a"] == 3.75  # the body is mutmut's own count
+
+
+def test_every_fast_test_file_is_in_the_default_selection() -> None:
+    from bench.mutation import DEFAULT_TESTS, ROOT
+
+    fast = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_fast_*.py"))
+    assert fast and set(fast) <= set(DEFAULT_TESTS)
+    assert set(DEFAULT_TESTS[:len(fast)]) == set(fast)  # first in the selection
