@@ -281,9 +281,13 @@ async def test_garbage_never_crashes_the_server_and_valid_events_still_land(
     m = server.metrics
     rejected = sum(v for k, v in m._counters["rejected_total"].items())
     accepted = sum(v for k, v in m._counters["messages_in_total"].items())
-    # Every one of the garbage messages (plus the 2 valid ones and P001's absence of retained
-    # status) was either counted as rejected or accepted: nothing vanished, nothing crashed.
-    assert rejected + accepted == len(cases) + 2
+    # Every one of the garbage messages (plus the 2 valid ones) was either counted as rejected
+    # or accepted: nothing vanished, nothing crashed. Heartbeats are the exception the protocol
+    # allows: the server takes them at QoS 0, so a broker whose queue to a busy server is long
+    # may drop some (seen on a loaded machine); every other kind arrives at QoS 1.
+    heartbeats = sum(1 for kind, _ in cases if kind == "heartbeat") + 1
+    seen = rejected + accepted
+    assert len(cases) + 2 - heartbeats <= seen <= len(cases) + 2, (seen, len(cases), heartbeats)
     assert rejected >= len(cases) * 0.9
     assert server.ready.is_set()
     text = await api(deployment, "/metrics")
