@@ -102,3 +102,15 @@ def test_an_incidents_id_carries_the_time_it_was_opened(
     opened_at = _opened(storage, result.incident_id)["at"]
     assert isinstance(opened_at, float)
     assert _ulid_ms(result.incident_id) == int(opened_at * 1000)
+
+
+def test_an_event_in_a_later_batch_joins_the_incident_its_post_has_open(
+        storage: Storage) -> None:
+    now = time.time()
+    [first] = storage.incidents.commit_events([(_event(1), now)])
+    [later] = storage.incidents.commit_events([(_event(2), now + 5)])
+    assert later.incident_id == first.incident_id and later.new_incident is False
+    incident = storage.incidents.get(first.incident_id)
+    assert incident is not None and incident["event_count"] == 2
+    [other] = storage.incidents.commit_events([(_event(1, post="P002"), now + 6)])
+    assert other.incident_id != first.incident_id and other.new_incident is True
