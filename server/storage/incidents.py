@@ -69,6 +69,10 @@ class IncidentStore:
 
         ``batch`` holds (event, server receipt time). Incidents open and age on receipt times;
         the event's own ``ts`` is kept as ``pressed_at`` and flagged when implausible.
+
+        The batch costs a fixed number of statements, not a few per event: one look-up of the
+        ids already stored, then one multi-row write per table. (On PostgreSQL every statement
+        is a round trip; a burst of 1,000 presses must not become 6,000 of them.)
         """
         results: list[Committed] = []
         now = time.time()
@@ -76,54 +80,83 @@ class IncidentStore:
         opened: dict[str, str] = {}
         seqs = dict(self.posts.seq)  # (epoch, highest seq) per post, as this batch leaves them
         tallies: dict[str, list[int]] = {}  # post -> [regressions, repeats, epoch changes]
+        new_incidents: list[tuple[Any, ...]] = []
+        audits: list[tuple[Any, ...]] = []
+        joins: list[tuple[Any, ...]] = []
+        rows: list[list[Any]] = []
         with db.transaction():
+            stored, posts_of = self._stored([event.id for event, _ in batch])
+            in_batch: set[tuple[str, str, int]] = set()  # (post, epoch, seq) of new events here
             for event, received_at in batch:
-                row = db.one("SELECT incident_id FROM events WHERE post_id=? AND id=?",
-                             (event.post, event.id))
-                if row is not None:
-                    results.append(Committed(event.id, row["incident_id"], True, False))
+                key = (event.post, event.id)
+                if key in stored:
+                    results.append(Committed(event.id, stored[key], True, False))
                     continue
-                collision = db.one("SELECT 1 AS hit FROM events WHERE id=? AND post_id<>? LIMIT 1",
-                                   (event.id, event.post)) is not None
+                collision = bool(posts_of.get(event.id, set()) - {event.post})
                 suspect = clock_suspect(event.ts, received_at)
-                anomaly, old_epoch = self._check_seq(event, seqs, tallies)
+                anomaly, old_epoch = self._check_seq(event, seqs, tallies, in_batch)
                 incident_id = opened.get(event.post) or self.open_by_post.get(event.post)
                 new = incident_id is None
                 test = False
                 if incident_id is None:
                     incident_id = new_ulid(now)
                     test = self.posts.in_test_mode(event.post)
-                    db.execute(
-                        "INSERT INTO incidents (id, post_id, state, opened_at, last_event_at, "
-                        "event_count, first_event_id, classification) "
-                        "VALUES (?, ?, 'new', ?, ?, 1, ?, ?)",
-                        (incident_id, event.post, received_at, received_at, event.id,
-                         "test" if test else None))
-                    db.execute(
-                        "INSERT INTO audit (incident_id, at, actor, action, to_state, detail) "
-                        "VALUES (?, ?, ?, 'opened', 'new', ?)",
-                        (incident_id, now, f"post:{event.post}",
-                         f"{event.type} event {event.id}" + (" (post in test mode)" if test else "")
-                         + (" (the post's clock is implausible)" if suspect else "")))
+                    new_incidents.append((incident_id, event.post, received_at, received_at,
+                                          event.id, "test" if test else None))
+                    audits.append((
+                        incident_id, now, f"post:{event.post}",
+                        f"{event.type} event {event.id}" + (" (post in test mode)" if test else "")
+                        + (" (the post's clock is implausible)" if suspect else "")))
                     opened[event.post] = incident_id
                 else:
-                    db.execute(
-                        "UPDATE incidents SET event_count = event_count + 1, last_event_at = "
-                        "CASE WHEN last_event_at > ? THEN last_event_at ELSE ? END WHERE id=?",
-                        (received_at, received_at, incident_id))
-                db.execute(
-                    f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (event.id, event.post, event.seq, event.type, event.ts, event.hold_ms,
-                     received_at, time.time(), incident_id, event.epoch, int(suspect)))
+                    joins.append((received_at, received_at, incident_id))
+                rows.append([event.id, event.post, event.seq, event.type, event.ts, event.hold_ms,
+                             received_at, 0.0, incident_id, event.epoch, int(suspect)])
+                stored[key] = incident_id  # the same event twice in one batch: once
+                posts_of.setdefault(event.id, set()).add(event.post)
+                in_batch.add((event.post, event.epoch, event.seq))
                 results.append(Committed(event.id, incident_id, False, new, test, collision,
                                          suspect, anomaly, old_epoch))
+            if new_incidents:
+                db.executemany(
+                    "INSERT INTO incidents (id, post_id, state, opened_at, last_event_at, "
+                    "event_count, first_event_id, classification) VALUES (?, ?, 'new', ?, ?, 1, ?, ?)",
+                    new_incidents)
+                db.executemany(
+                    "INSERT INTO audit (incident_id, at, actor, action, to_state, detail) "
+                    "VALUES (?, ?, ?, 'opened', 'new', ?)", audits)
+            if joins:
+                db.executemany(
+                    "UPDATE incidents SET event_count = event_count + 1, last_event_at = "
+                    "CASE WHEN last_event_at > ? THEN last_event_at ELSE ? END WHERE id=?", joins)
+            if rows:
+                committed_at = time.time()  # in the committing transaction, just before COMMIT
+                for row in rows:
+                    row[7] = committed_at
+                db.executemany(
+                    f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
             self.posts.record_seq(seqs, tallies)
         self.posts.seq = seqs  # only once committed
         self.open_by_post.update(opened)
         return results
 
+    def _stored(self, ids: Sequence[str]) -> tuple[dict[tuple[str, str], str], dict[str, set[str]]]:
+        """Of these event ids, those already stored: (post, id) -> incident, id -> posts."""
+        stored: dict[tuple[str, str], str] = {}
+        posts_of: dict[str, set[str]] = {}
+        unique = sorted(set(ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            for row in self.db.query(
+                    "SELECT post_id, id, incident_id FROM events WHERE id IN "
+                    f"({', '.join('?' for _ in chunk)})", chunk):
+                stored[(row["post_id"], row["id"])] = row["incident_id"]
+                posts_of.setdefault(row["id"], set()).add(row["post_id"])
+        return stored, posts_of
+
     def _check_seq(self, event: Event, seqs: dict[str, tuple[str, int]],
-                   tallies: dict[str, list[int]]) -> tuple[str, str]:
+                   tallies: dict[str, list[int]],
+                   in_batch: set[tuple[str, str, int]]) -> tuple[str, str]:
         """Follow the post's epoch and highest seq; return (anomaly, previous epoch if this
         event starts a new one). A first epoch after none ('') is not a change."""
         epoch, highest = seqs.get(event.post, ("", 0))
@@ -136,8 +169,9 @@ class IncidentStore:
             highest = 0
         # (A first epoch after none is an upgraded post whose outbox, and seq, carry on.)
         if highest and event.seq <= highest:  # a number above the highest is new: no look-up
-            if self.db.one("SELECT 1 AS hit FROM events WHERE post_id=? AND epoch=? AND seq=? "
-                           "LIMIT 1", (event.post, event.epoch, event.seq)) is not None:
+            if (event.post, event.epoch, event.seq) in in_batch or self.db.one(
+                    "SELECT 1 AS hit FROM events WHERE post_id=? AND epoch=? AND seq=? LIMIT 1",
+                    (event.post, event.epoch, event.seq)) is not None:
                 anomaly = "repeat"
                 tally[1] += 1
             elif event.seq < highest:
