@@ -124,8 +124,13 @@ class SqliteDatabase(Database):
                 return int(self.db.execute(sql, params).rowcount)
 
     def executemany(self, sql: str, rows: Iterable[Params]) -> None:
-        with self._errors(), self.db.atomic():
-            self.db.conn.executemany(sql, rows)
+        """All rows or none: in its own transaction, or as part of the one open."""
+        with self._errors():
+            if self.db.conn.in_transaction:
+                self.db.conn.executemany(sql, rows)
+                return
+            with self.db.atomic():
+                self.db.conn.executemany(sql, rows)
 
     def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
         with self._errors():
@@ -251,6 +256,12 @@ class PostgresDatabase(Database):
             return int(conn.execute(self._translate(sql), params).rowcount)
 
     def executemany(self, sql: str, rows: Iterable[Params]) -> None:
+        """All rows or none: in its own transaction, or as part of the one open (no savepoint:
+        two round trips fewer)."""
+        if getattr(self._local, "conn", None) is not None:
+            with self._errors(), self._local.conn.cursor() as cur:
+                cur.executemany(self._translate(sql), list(rows))
+            return
         with self.transaction(), self._connection() as conn, conn.cursor() as cur:
             cur.executemany(self._translate(sql), list(rows))
 
