@@ -298,5 +298,6 @@ class SimBoard:
             deadline = self.station.deadline()
             next_status = self._last_status + self.status_every_s
             until = next_status if deadline is None else min(deadline, next_status)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(until - time.monotonic(), 0.0))
+            with contextlib.suppress(TimeoutError):  # (not wait_for: it can swallow a cancel)
+                async with asyncio.timeout(max(until - time.monotonic(), 0.0)):
+                    await self._wake.wait()

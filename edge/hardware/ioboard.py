@@ -291,8 +291,9 @@ class IoBoardHardware:
             self._update_faults()
             deadline = self.station.deadline() if self._fd is not None else None
             timeout = 0.25 if deadline is None else min(max(deadline - time.monotonic(), 0.0), 0.25)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: it can swallow a cancel)
+                async with asyncio.timeout(timeout):
+                    await wake.wait()
 
     # ------------------------------------------------------------------ what the board says
     def _handle(self, frame: p.Frame) -> None:
