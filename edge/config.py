@@ -131,4 +131,5 @@ def load_edge_config(path: Path | str | None) -> EdgeConfig:
     config.source = Path(path) if path is not None else None
     if config.source is not None:
         config.outbox.path = str(config.outbox_path)
+    config.mqtt = config.mqtt.relative_to(config.source)  # TLS files beside the config
     return config

@@ -88,7 +88,9 @@ class TeamDeviceConfig:
 
 
 def load_team_config(path: Path | str) -> TeamDeviceConfig:
-    return load(TeamDeviceConfig, path, "ALARMPOST_TEAM")
+    config = load(TeamDeviceConfig, path, "ALARMPOST_TEAM")
+    config.mqtt = config.mqtt.relative_to(path)  # TLS files beside the config
+    return config
 
 
 def _move(lat: float, lon: float, to_lat: float, to_lon: float, km: float) -> tuple[float, float, bool]:

@@ -17,9 +17,10 @@ import dataclasses
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from protocol.settings import ConfigError
+from protocol.settings import ConfigError, resolve
 
 # MQTT 5 limits: Keep Alive is a two-byte integer, Session Expiry Interval a four-byte one
 # (0xFFFFFFFF: the session never expires).
@@ -103,6 +104,16 @@ class MqttSettings:
     @property
     def tls(self) -> bool:
         return bool(self.tls_ca_file)
+
+    def relative_to(self, config_file: Path | str | None) -> MqttSettings:
+        """These settings with the TLS files found relative to ``config_file``, like every
+        path in a config file (absolute ones, and settings made in code, stay as they are)."""
+        def file(value: str) -> str:
+            return str(resolve(config_file, value)) if value else ""
+
+        return dataclasses.replace(self, tls_ca_file=file(self.tls_ca_file),
+                                   tls_cert_file=file(self.tls_cert_file),
+                                   tls_key_file=file(self.tls_key_file))
 
     def tls_context(self) -> ssl.SSLContext | None:
         """A TLS context for the broker connection, or None for plain TCP. Reads the files, so

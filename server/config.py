@@ -160,11 +160,5 @@ def load_server_config(path: Path | str | None) -> ServerConfig:
     config.database.path = str(resolve(config.source, config.database.path))
     config.registry.posts_file = str(resolve(config.source, config.registry.posts_file))
     # TLS files, like every path in the file, are relative to the config file.
-    def file(value: str) -> str:
-        return str(resolve(config.source, value)) if value else ""
-
-    m = config.mqtt
-    config.mqtt = dataclasses.replace(m, tls_ca_file=file(m.tls_ca_file),
-                                      tls_cert_file=file(m.tls_cert_file),
-                                      tls_key_file=file(m.tls_key_file))
+    config.mqtt = config.mqtt.relative_to(config.source)
     return config

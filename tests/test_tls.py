@@ -196,3 +196,18 @@ def test_the_servers_tls_files_are_relative_to_its_config_file(tmp_path: Path) -
     mqtt = load_server_config(path).mqtt
     assert mqtt.tls_ca_file == str(config_dir / "ca.crt")
     assert mqtt.tls_cert_file == "/abs/server.crt" and mqtt.tls_key_file == ""
+
+
+def test_a_posts_and_a_teams_tls_files_are_relative_to_their_config_files(tmp_path: Path) -> None:
+    """A device bundle (config + ca.crt beside it) works wherever it is copied to."""
+    from edge.config import load_edge_config
+    from firmware_sim.patrol import load_team_config
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    post = bundle / "P001.toml"
+    post.write_text('[post]\nid = "P001"\n[mqtt]\ntls_ca_file = "ca.crt"\n')
+    assert load_edge_config(post).mqtt.tls_ca_file == str(bundle / "ca.crt")
+    team = bundle / "T1.toml"
+    team.write_text('[team]\nid = "T1"\n[mqtt]\ntls_ca_file = "ca.crt"\n')
+    assert load_team_config(team).mqtt.tls_ca_file == str(bundle / "ca.crt")
