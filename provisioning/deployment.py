@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import random
 import shutil
 import tomllib
@@ -124,15 +125,17 @@ class Deployment:
         """The deployment CA's certificate (with TLS): what every client verifies the broker by."""
         return self.tls_dir / "ca.crt"
 
-    def _mqtt_tls(self, beside: Path) -> dict[str, object]:
-        """``tls_ca_file`` for a config in ``beside``: the CA certificate copied there."""
+    def _mqtt_tls(self, beside: Path, config_dir: Path | None = None) -> dict[str, object]:
+        """``tls_ca_file`` for a config: the CA certificate copied into ``beside``, named
+        relative to the config's directory (``config_dir``, default ``beside``), so a device's
+        bundle works wherever it is copied."""
         if not self.tls:
             return {}
         copy = beside / "ca.crt"
         if not copy.exists():
             beside.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.ca_file, copy)
-        return {"tls_ca_file": str(copy)}
+        return {"tls_ca_file": os.path.relpath(copy, config_dir or beside)}
 
     @property
     def local_broker_host(self) -> str:
@@ -250,7 +253,8 @@ def create(
     _write_secret(dep.server_config, _toml({
         "mqtt": {"host": server_host, "port": dep.broker_port,
                  "username": broker.SERVER_USER,
-                 "password": server_password, **dep._mqtt_tls(dep.tls_dir)},
+                 "password": server_password,
+                 **dep._mqtt_tls(dep.tls_dir, dep.server_config.parent)},
         "database": database or {"path": "server.db"},
         "http": {"host": "127.0.0.1", "port": dep.http_port, "api_token": dep.api_token},
         "registry": {"posts_file": "posts.toml"},
@@ -323,7 +327,7 @@ def _write_account(dep: Deployment, user: str, password: str, what: str) -> Path
     path = account_config(dep, user)
     _write_secret(path, f"# {what}\n" + _toml({
         "mqtt": {"host": dep.local_broker_host, "port": dep.broker_port, "username": user,
-                 "password": password, **dep._mqtt_tls(dep.tls_dir)},
+                 "password": password, **dep._mqtt_tls(dep.tls_dir, path.parent)},
     }))
     return path
 

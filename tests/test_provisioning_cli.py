@@ -88,7 +88,8 @@ def test_init_writes_a_tls_deployment_that_a_real_broker_serves(
     # The generated config runs: a post's credential over TLS, the CA from its own bundle.
     with Mosquitto.for_deployment(dep):
         post = tomllib.loads(dep.post_config("P001").read_text())["mqtt"]
-        assert _connack(dep, "P001", post["password"], cafile=Path(post["tls_ca_file"])) == 0
+        ca = dep.post_config("P001").parent / post["tls_ca_file"]  # beside the post's config
+        assert _connack(dep, "P001", post["password"], cafile=ca) == 0
         with pytest.raises(ConnectionError):
             _connack(dep, "P001", post["password"], cafile=None)
 
