@@ -33,7 +33,9 @@ unexplained survivors). Beside them: ``generated`` (every mutant of the modules)
 ``critical_checked``, ``sampled`` and ``sample`` (counts and score of the seeded sample of the
 other functions' mutants: informative only, since the test cap leaves out most of the
 real-broker tests that cover those functions), ``elapsed_s``, ``complete`` (false if the budget
-cut a phase short), ``test_cap_s`` and ``tests_left_out`` (function-test pairs beyond the cap).
+ran out before every critical mutant was checked), ``sample_complete`` (false if it ran out
+during the sample, which takes what the budget leaves), ``test_cap_s`` and ``tests_left_out``
+(function-test pairs beyond the cap).
 """
 
 from __future__ import annotations
@@ -546,19 +548,22 @@ def main(as_json: bool, options: dict[str, str]) -> int:
         rest = sorted(k for k in read_results(workdir) if k not in checked)
         # 2. A seeded sample of the others, as many as the rest of the budget should take at
         # the pace of phase 1 (sample=all: all of them, whatever the budget).
+        sample_complete = True
         if complete and rest and critical:
             if sample_all:
                 picked = rest
             else:
                 pace = max(phase1_s - 150.0, 60.0) / max(len(checked), 1)  # s per mutant
-                room = int(max(deadline - time.monotonic() - 150.0, 0.0) / pace * 0.8)
+                # (sampled mutants survive more often than critical ones, and a survivor runs
+                # every test kept for its function: half the critical pace's room)
+                room = int(max(deadline - time.monotonic() - 150.0, 0.0) / pace * 0.5)
                 picked = sorted(random.Random(seed).sample(rest, min(room, len(rest))))
             if picked:
                 print(f"mutation: {len(checked)} critical mutants checked in {phase1_s:.0f} s; "
                       f"now {len(picked)} of the other {len(rest)}", file=sys.stderr)
-                code, complete = _run_mutmut(workdir, env, picked, children,
-                                             deadline if not sample_all else math.inf,
-                                             started, log_path)
+                code, sample_complete = _run_mutmut(workdir, env, picked, children,
+                                                    deadline if not sample_all else math.inf,
+                                                    started, log_path)
                 if code == 3:
                     return 3
         statuses = read_results(workdir)
@@ -581,6 +586,7 @@ def main(as_json: bool, options: dict[str, str]) -> int:
                             if key in ("checked", "killed", "survived", "timeout", "no_tests",
                                        "score")}
         result["complete"] = complete
+        result["sample_complete"] = sample_complete
         result["sampling"] = "all" if sample_all else "budget"
         result["elapsed_s"] = round(time.monotonic() - started, 1)
         result["test_cap_s"] = test_cap
