@@ -114,3 +114,45 @@ def test_an_event_in_a_later_batch_joins_the_incident_its_post_has_open(
     assert incident is not None and incident["event_count"] == 2
     [other] = storage.incidents.commit_events([(_event(1, post="P002"), now + 6)])
     assert other.incident_id != first.incident_id and other.new_incident is True
+
+
+def test_a_duplicate_in_a_batch_does_not_stop_the_events_after_it(storage: Storage) -> None:
+    now = time.time()
+    first = _event(1)
+    storage.incidents.commit_events([(first, now)])
+    second = _event(2)
+    again, new = storage.incidents.commit_events([(first, now + 1), (second, now + 1)])
+    assert again.duplicate is True and new.duplicate is False
+    assert new.event_id == second.id
+    # The same event twice in one batch: stored once, the second a duplicate of the first.
+    third = _event(3)
+    once, twice = storage.incidents.commit_events([(third, now + 2), (third, now + 2)])
+    assert once.duplicate is False and twice.duplicate is True
+    assert twice.incident_id == once.incident_id == again.incident_id
+
+
+def test_an_id_another_post_has_used_is_a_collision_stored_as_its_own(
+        storage: Storage) -> None:
+    now = time.time()
+    mine = _event(1)
+    theirs = Event(id=mine.id, post="P002", seq=1, ts=now)
+    [a] = storage.incidents.commit_events([(mine, now)])
+    [b] = storage.incidents.commit_events([(theirs, now)])
+    assert a.collision is False and b.collision is True and b.duplicate is False
+    # Within one batch as well.
+    shared = new_ulid()
+    one, two = storage.incidents.commit_events([
+        (Event(id=shared, post=POST, seq=2, ts=now), now),
+        (Event(id=shared, post="P002", seq=2, ts=now), now)])
+    assert (one.collision, two.collision) == (False, True)
+
+
+def test_a_repeated_seq_and_a_new_epoch_are_reported_in_the_results(storage: Storage) -> None:
+    now = time.time()
+    one = Event(id=new_ulid(), post=POST, seq=1, ts=now, epoch="epochA")
+    same_seq = Event(id=new_ulid(), post=POST, seq=1, ts=now, epoch="epochA")
+    first, repeat = storage.incidents.commit_events([(one, now), (same_seq, now)])
+    assert first.seq_anomaly == "" and repeat.seq_anomaly == "repeat"
+    later = Event(id=new_ulid(), post=POST, seq=1, ts=now, epoch="epochB")
+    [fresh] = storage.incidents.commit_events([(later, now)])
+    assert fresh.epoch_changed == "epochA" and fresh.seq_anomaly == ""
