@@ -109,12 +109,12 @@ class PostStore:
         """Write the (epoch, highest seq) of each post in ``tallies`` with its anomaly counts
         (regressions, repeats, epoch changes); inside the committing transaction, which sets
         :attr:`seq` once it has committed."""
-        for post_id, (regressions, repeats, changes) in tallies.items():
-            epoch, max_seq = seqs[post_id]
-            self.db.execute(
+        rows = [(*seqs[post_id], regressions, repeats, changes, post_id)
+                for post_id, (regressions, repeats, changes) in tallies.items()]
+        if rows:  # one multi-row write, not one statement per post of the batch
+            self.db.executemany(
                 "UPDATE posts SET epoch=?, max_seq=?, seq_regressions=seq_regressions+?, "
-                "seq_repeats=seq_repeats+?, epoch_changes=epoch_changes+? WHERE id=?",
-                (epoch, max_seq, regressions, repeats, changes, post_id))
+                "seq_repeats=seq_repeats+?, epoch_changes=epoch_changes+? WHERE id=?", rows)
 
     # -------------------------------------------------------------- reads
     def states(self) -> dict[str, tuple[str, float | None]]:
