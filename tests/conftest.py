@@ -33,6 +33,29 @@ def _mosquitto_installed() -> None:
     find_mosquitto()  # fails the session with the install hint if missing
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "one_backend: the test needs a deployment but not the server's storage (the "
+        "broker, the edge, the browser UI): it runs on the first backend under test only")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A ``one_backend`` test keeps its variant for the first backend under test only (the
+    others are deselected: reported as such, never run as skipped)."""
+    first = backends_under_test()[0]
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("storage_backend") if callspec is not None else None
+        if backend and backend != first and item.get_closest_marker("one_backend") is not None:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(params=backends_under_test())
 def storage_backend(request: pytest.FixtureRequest) -> str:
     """The server's database in this test: every test that stores anything runs once on SQLite

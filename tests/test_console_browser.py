@@ -21,6 +21,9 @@ from tests.console_helpers import PASSWORD, add_users
 from tests.helpers import run_posts, run_server, until
 from tests.patrol_helpers import TeamSpec, add_teams, run_teams
 
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
+
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from provisioning import deployment as d
 from server.app import CentralServer
 from tests.console_helpers import Console, add_users, next_notice
 from tests.helpers import db_rows, run_posts, until
 from tests.test_media import Operator
+
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
 
 
 async def _call(ws, post_id: str, incident_id: str | None = None,  # type: ignore[no-untyped-def]

@@ -21,6 +21,9 @@ from provisioning import deployment as d
 from server.app import CentralServer
 from tests.helpers import db_rows, run_posts, server_side_credentials, until
 
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
+
 _DEEP_ARRAY = b'{"v":' + b"[" * 2045 + b"]" * 2045 + b"}"  # 4096 bytes, 2045 levels deep
 _DEEP_OBJECT = b'{"a":' * 800 + b"1" + b"}" * 800
 

@@ -6,12 +6,17 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from edge.config import load_edge_config
 from firmware_sim.fleet import SimPost
 from protocol.messages import Ack
 from provisioning import deployment as d
 from server.app import CentralServer
 from tests.helpers import broker_of, run_posts, until
+
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
 
 
 def test_backoff_grows_to_its_cap_and_resets_only_after_a_connection_that_lived() -> None:

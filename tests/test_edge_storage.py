@@ -25,6 +25,9 @@ from provisioning import deployment as d
 from server.app import CentralServer
 from tests.helpers import db_rows, monitor_credentials, run_posts, until
 
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
+
 
 class SmallDisk:
     """A 1 MiB tmpfs: filled up, freed, remounted read-only or read-write on demand."""

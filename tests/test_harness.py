@@ -32,6 +32,9 @@ from provisioning import broker as broker_config
 from provisioning import deployment as d
 from tests.helpers import api
 
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
+
 PASSWORD = "harness-test-password"
 
 

@@ -33,6 +33,9 @@ from protocol.topics import post_topic
 from provisioning import deployment as d
 from tests.helpers import RawMqtt, monitor_credentials, post_credentials
 
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
+
 OnConnected = Callable[[aiomqtt.Client, bool], Awaitable[None]]
 
 

@@ -16,6 +16,9 @@ from tests.helpers import MakeDeployment, api, run_posts, run_server, until
 from tests.patrol_helpers import KM_LAT, TeamSpec, add_teams
 from tests.patrol_web_helpers import APP_PASSWORD, give_app_passwords
 
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
+
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:

@@ -21,6 +21,9 @@ from provisioning import deployment as d
 from provisioning.ca import CA_VALID_DAYS, LEAF_VALID_DAYS, CertificateAuthority
 from tests.helpers import MakeDeployment, db_rows, post_credentials, run_posts, run_server, until
 
+# The broker, the edge or the UI: the server's storage is not what these test.
+pytestmark = pytest.mark.one_backend
+
 
 def _connack(dep: d.Deployment, user: str, password: str, *, cafile: Path | None,
              server_hostname: str = "127.0.0.1") -> int:
