@@ -24,7 +24,9 @@ class Notice(msgspec.Struct, tag_field="type", kw_only=True):
         return data
 
 
-class IncidentOpened(Notice, tag="incident_opened"):
+class _Press(Notice):
+    """A committed press: the fields of the two notices below."""
+
     incident_id: str
     post_id: str
     event_id: str
@@ -32,14 +34,12 @@ class IncidentOpened(Notice, tag="incident_opened"):
     test: bool = False
 
 
-class EventJoined(Notice, tag="event_joined"):
+class IncidentOpened(_Press, tag="incident_opened"):
+    """A press that opened an incident."""
+
+
+class EventJoined(_Press, tag="event_joined"):
     """Another press of a post whose incident is open."""
-
-    incident_id: str
-    post_id: str
-    event_id: str
-    pressed_at: float
-    test: bool = False
 
 
 class IncidentUpdated(Notice, tag="incident_updated"):
